@@ -1,0 +1,119 @@
+"""The one table of what each backend can run.
+
+The dispatcher (``backend="auto"``), the error messages, the tests and
+``python -m bsa_ext info`` all read ``CAPABILITIES``; nothing else states which
+dtypes, head dims or chunk capacities a backend supports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")  # the order "auto" tries
+OPS = ("select", "forward", "backward")
+CUDA_OP_NAMES = {"select": "cuda_select_blocks", "forward": "cuda_forward", "backward": "cuda_backward"}
+
+
+@dataclass(frozen=True)
+class Capability:
+    backend: str
+    op: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    head_dims: Optional[Tuple[int, ...]]  # None: any
+    capacities: Optional[Tuple[int, ...]]  # chunk capacity t*h*w; None: any
+    min_compute_capability: Optional[Tuple[int, int]] = None
+    max_key_blocks: Optional[int] = None
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_ALL_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+CAPABILITIES: Dict[Tuple[str, str], Capability] = {
+    (c.backend, c.op): c
+    for c in [
+        Capability("cuda", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), 4096),
+        Capability("cuda", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("cuda", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("triton", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("triton", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("triton", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("torch", "select", ("cpu", "cuda"), _ALL_FLOAT, None, None),
+        Capability("torch", "forward", ("cpu", "cuda"), _ALL_FLOAT, None, None),
+        Capability("torch", "backward", ("cpu", "cuda"), _ALL_FLOAT, None, None),
+    ]
+}
+
+# Chunk capacities any backend accepts (SPEC §1); the torch path takes any, but the
+# public API keeps to the kernels' set so that a config that works on CPU works on GPU.
+KERNEL_CAPACITIES = (16, 32, 64, 128, 256)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device`` at all (before looking at inputs)."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        try:
+            from . import triton as triton_backend
+        except ImportError as exc:
+            return f"the Triton backend failed to import: {exc}"
+        if triton_backend.AVAILABLE_REASON is not None:
+            return triton_backend.AVAILABLE_REASON
+        if device.type == "cpu" and _triton_interpreting():
+            return None  # Triton's CPU interpreter, used by the tests
+        if device.type != "cuda":
+            return f"Triton kernels need a CUDA device, got {device.type} tensors"
+        return None
+    if backend == "cuda":
+        from . import _library
+
+        if _library.CUDA_LOAD_ERROR is not None:
+            return _library.CUDA_LOAD_ERROR
+        if not _library.has_cuda_kernel(CUDA_OP_NAMES[op]):
+            return f"this build has no CUDA kernel for {op} yet"
+        if device.type != "cuda":
+            return f"CUDA kernels need CUDA tensors, got {device.type} tensors"
+        return None
+    raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def _fmt(values) -> str:
+    return ", ".join(str(v).replace("torch.", "") for v in values)
+
+
+def not_supported_reasons(
+    backend: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int, capacities: Tuple[int, ...], num_key_blocks: int
+) -> List[str]:
+    """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
+    reason = backend_unavailable_reason(backend, op, device)
+    if reason is not None:
+        return [reason]
+    cap = CAPABILITIES[(backend, op)]
+    reasons = []
+    if device.type not in cap.devices and not (backend == "triton" and _triton_interpreting()):
+        reasons.append(f"device {device.type} not in [{_fmt(cap.devices)}]")
+    if dtype not in cap.dtypes:
+        reasons.append(f"dtype {_fmt([dtype])} not in [{_fmt(cap.dtypes)}]")
+    if cap.head_dims is not None and head_dim not in cap.head_dims:
+        reasons.append(f"head dim {head_dim} not in [{_fmt(cap.head_dims)}]")
+    if cap.capacities is not None:
+        for c in sorted(set(capacities)):
+            if c not in cap.capacities:
+                reasons.append(f"chunk capacity {c} not in [{_fmt(cap.capacities)}]")
+    if cap.max_key_blocks is not None and num_key_blocks > cap.max_key_blocks:
+        reasons.append(f"{num_key_blocks} key blocks > {cap.max_key_blocks}")
+    if cap.min_compute_capability is not None and device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < cap.min_compute_capability:
+            need = "sm_%d%d" % cap.min_compute_capability
+            reasons.append(f"GPU is sm_{cc[0]}{cc[1]}, needs {need} or newer")
+    return reasons
