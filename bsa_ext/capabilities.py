@@ -57,22 +57,23 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> Optional[str]:
-    """Why ``backend`` cannot run ``op`` on ``device`` at all (before looking at inputs)."""
+def backend_unavailable_reason(backend: str, op: str, device: torch.device, explicit: bool = True) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device`` at all (before looking at inputs).
+
+    Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs only when asked for by name:
+    "auto" never picks it for CPU tensors.
+    """
     if backend == "torch":
         return None
     if backend == "triton":
+        interpreter = device.type == "cpu" and explicit and _triton_interpreting()
+        if device.type != "cuda" and not interpreter:
+            return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 and backend='triton'), got {device.type} tensors"
         try:
             from . import triton as triton_backend
         except ImportError as exc:
             return f"the Triton backend failed to import: {exc}"
-        if triton_backend.AVAILABLE_REASON is not None:
-            return triton_backend.AVAILABLE_REASON
-        if device.type == "cpu" and _triton_interpreting():
-            return None  # Triton's CPU interpreter, used by the tests
-        if device.type != "cuda":
-            return f"Triton kernels need a CUDA device, got {device.type} tensors"
-        return None
+        return triton_backend.AVAILABLE_REASON
     if backend == "cuda":
         from . import _library
 
@@ -91,15 +92,22 @@ def _fmt(values) -> str:
 
 
 def not_supported_reasons(
-    backend: str, op: str, device: torch.device, dtype: torch.dtype, head_dim: int, capacities: Tuple[int, ...], num_key_blocks: int
+    backend: str,
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    capacities: Tuple[int, ...],
+    num_key_blocks: int,
+    explicit: bool = True,
 ) -> List[str]:
     """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
-    reason = backend_unavailable_reason(backend, op, device)
+    reason = backend_unavailable_reason(backend, op, device, explicit)
     if reason is not None:
         return [reason]
     cap = CAPABILITIES[(backend, op)]
     reasons = []
-    if device.type not in cap.devices and not (backend == "triton" and _triton_interpreting()):
+    if device.type not in cap.devices and not (backend == "triton" and explicit and _triton_interpreting()):
         reasons.append(f"device {device.type} not in [{_fmt(cap.devices)}]")
     if dtype not in cap.dtypes:
         reasons.append(f"dtype {_fmt([dtype])} not in [{_fmt(cap.dtypes)}]")

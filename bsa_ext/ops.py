@@ -45,7 +45,7 @@ def resolve_backend(requested: str, op: str, x: torch.Tensor, geom_q: ChunkGeome
         return requested
     tried: List[str] = []
     for name in BACKENDS:
-        reasons = not_supported_reasons(name, *args)
+        reasons = not_supported_reasons(name, *args, explicit=False)
         if not reasons:
             return name
         tried.append(f"{name}: {'; '.join(reasons)}")

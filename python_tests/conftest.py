@@ -1,0 +1,27 @@
+"""Shared test set-up. No GPU is queried at import beyond `torch.cuda.is_available()`."""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    # Triton kernels run through the CPU interpreter where there is no GPU; it must be
+    # chosen before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+        if "sm90" in item.keywords and (not HAS_GPU or torch.cuda.get_device_capability() < (9, 0)):
+            item.add_marker(pytest.mark.skip(reason="needs an sm_90 GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh inputs per test, but reproducible from the test id when a failure is reported.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

@@ -1,0 +1,59 @@
+"""Test utilities: the FlashAttention tolerance rule and input makers."""
+
+from __future__ import annotations
+
+import torch
+
+from bsa_ext import reference
+from bsa_ext.layout import ChunkGeometry
+
+
+def assert_close_rule(out, ref, pt, name="out", floor=1e-5):
+    """FlashAttention's rule: max|out-ref| <= 2 * max|pt-ref| + floor (ref in fp64, pt in out's dtype)."""
+    out, ref, pt = out.double(), ref.double(), pt.double()
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    err = (out - ref).abs().max().item()
+    bound = 2 * (pt - ref).abs().max().item() + floor * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def make_qkv(B, H, Sq, Sk, D, dtype, device, scale=1.0, fused=False):
+    """Random q, k, v; ``fused`` makes them strided views of one [B, S, 3, H, D] tensor."""
+    if fused:
+        assert Sq == Sk
+        qkv = torch.randn(B, Sq, 3, H, D, device=device, dtype=torch.float32).mul(scale).to(dtype)
+        return tuple(qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    q = torch.randn(B, H, Sq, D, device=device).mul(scale).to(dtype)
+    k = torch.randn(B, H, Sk, D, device=device).mul(scale).to(dtype)
+    v = torch.randn(B, H, Sk, D, device=device).to(dtype)
+    return q, k, v
+
+
+def random_blocks(B, H, nq, nk, kmax, device, min_count=0):
+    """Distinct random key block ids per query block and random counts."""
+    scores = torch.rand(B, H, nq, nk, device=device)
+    indices = scores.argsort(-1)[..., :kmax].to(torch.int32).contiguous()
+    counts = torch.randint(min_count, kmax + 1, (B, H, nq), device=device, dtype=torch.int32)
+    return indices, counts
+
+
+def dense_attention(q, k, v, mask, sm_scale=None, upcast=True):
+    """Masked dense attention; ``upcast=False`` computes in the inputs' dtype (the ``pt`` of the rule).
+
+    Rows with no allowed key give 0. Differentiable, so it also yields reference gradients.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float() if not upcast else s, dim=-1).to(dtype)
+    p = torch.nan_to_num(p, nan=0.0)
+    return p @ v
+
+
+def geom(latent, chunk):
+    return ChunkGeometry(tuple(latent), tuple(chunk))
+
+
+__all__ = ["assert_close_rule", "make_qkv", "random_blocks", "dense_attention", "geom", "reference"]

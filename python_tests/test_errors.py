@@ -1,0 +1,103 @@
+"""SPEC §5: bad input raises before any kernel runs, naming the argument, expectation and value."""
+
+import pytest
+import torch
+
+import bsa_ext
+from bsa_ext import BackendUnavailableError
+
+LAT = (4, 8, 8)
+S = 4 * 8 * 8
+CH = (2, 4, 4)
+
+
+def qkv(dtype=torch.float32, D=16, Sq=S, Sk=S):
+    return torch.randn(1, 2, Sq, D, dtype=dtype), torch.randn(1, 2, Sk, D, dtype=dtype), torch.randn(1, 2, Sk, D, dtype=dtype)
+
+
+def call(q, k, v, **kw):
+    args = dict(latent_shape_q=LAT, latent_shape_k=LAT, sparsity=0.5, chunk_3d_shape_q=CH, chunk_3d_shape_k=CH)
+    args.update(kw)
+    return bsa_ext.flash_attn_bsa_3d(q, k, v, **args)
+
+
+@pytest.mark.parametrize("kw,exc,pattern", [
+    (dict(latent_shape_q=(4, 8, 9)), ValueError, r"latent_shape_q: product 4\*8\*9 = 288 must equal .* \(256\)"),
+    (dict(latent_shape_k=(2, 8, 8)), ValueError, r"latent_shape_k: product"),
+    (dict(latent_shape_q=(4, 8)), ValueError, r"latent_shape_q: expected three positive integers"),
+    (dict(chunk_3d_shape_q=(3, 3, 3)), ValueError, r"chunk_3d_shape_q: chunk capacity t\*h\*w = 27 .*16, 32, 64, 128, 256"),
+    (dict(chunk_3d_shape_k=(0, 4, 4)), ValueError, r"chunk_3d_shape_k: expected three positive integers"),
+    (dict(sparsity=1.0), ValueError, r"sparsity: expected a value in \[0, 1\), got 1.0"),
+    (dict(sparsity=-0.1), ValueError, r"sparsity: expected"),
+    (dict(sparsity=None, cdf_threshold=None), ValueError, r"at least one of them"),
+    (dict(sparsity=None, cdf_threshold=0.0), ValueError, r"cdf_threshold: expected a value in \(0, 1\], got 0.0"),
+    (dict(sparsity=None, cdf_threshold=1.5), ValueError, r"cdf_threshold"),
+    (dict(max_blocks=0), ValueError, r"max_blocks: expected a positive integer"),
+    (dict(backend="fast"), ValueError, r"backend: expected one of 'auto', 'cuda', 'triton', 'torch'; got 'fast'"),
+])
+def test_bad_arguments(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(*qkv(), **kw)
+
+
+def test_shape_dtype_device_stride_errors():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k: expected shape \[B=1, H=2, Sk, D=16\]"):
+        call(q, k[..., :8], v)
+    with pytest.raises(ValueError, match=r"v: expected the shape of k"):
+        call(q, k, v[:, :, :-1])
+    with pytest.raises(ValueError, match=r"q: expected a 4-D tensor"):
+        call(q[0], k, v)
+    with pytest.raises(TypeError, match=r"k: expected dtype torch.float32 \(the dtype of q\), got torch.float16"):
+        call(q, k.half(), v)
+    with pytest.raises(TypeError, match=r"q: expected a floating-point dtype"):
+        call(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match=r"q: expected stride\(-1\) == 1"):
+        call(torch.randn(1, 2, 16, S).transpose(-1, -2), k, v)
+    with pytest.raises(ValueError, match=r"expected device"):
+        call(q, k.to("meta"), v.to("meta"))
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason(monkeypatch):
+    q, k, v = qkv(torch.float16)
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' cannot run bsa select: .*"):
+        call(q, k, v, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match=r"backend 'triton' cannot run bsa select: .*(CUDA|Triton)"):
+        call(q, k, v, backend="triton")
+
+
+def test_env_backend_is_validated_and_used(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("BSA_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"BSA_BACKEND: expected one of"):
+        call(q, k, v)
+    monkeypatch.setenv("BSA_BACKEND", "torch")
+    call(q, k, v)
+    assert bsa_ext.last_backend() == "torch" and bsa_ext.last_backend("select") == "torch"
+
+
+def test_block_list_errors_and_validate():
+    q, k, v = qkv()
+    g = bsa_ext.ChunkGeometry(LAT, CH)
+    nb = g.num_blocks
+    idx = torch.zeros(1, 2, nb, 2, dtype=torch.int32)
+    cnt = torch.ones(1, 2, nb, dtype=torch.int32)
+    attn = lambda i, c, **kw: bsa_ext.block_sparse_attention(q, k, v, i, c, LAT, LAT, CH, CH, **kw)  # noqa: E731
+    with pytest.raises(TypeError, match=r"indices: expected dtype torch.int32, got torch.int64"):
+        attn(idx.long(), cnt)
+    with pytest.raises(ValueError, match=rf"indices: expected shape \[B=1, H=2, Nq={nb}, Kmax\]"):
+        attn(idx[:, :, 1:], cnt)
+    with pytest.raises(ValueError, match=r"counts: expected shape"):
+        attn(idx, cnt[..., 1:])
+    bad = idx.clone()
+    bad[0, 0, 0, 0] = nb
+    attn(bad, cnt)  # skipped without validate
+    with pytest.raises(ValueError, match=rf"indices: expected block ids in \[0, {nb}\) within counts, found 1 outside"):
+        attn(bad, cnt, validate=True)
+    with pytest.raises(ValueError, match=r"counts: expected values in \[0, Kmax=2\]"):
+        attn(idx, cnt * 3, validate=True)
+    with pytest.raises(ValueError, match=r"duplicates"):
+        attn(idx, cnt * 2, validate=True)
+    with pytest.raises(ValueError, match=r"sm_scale: expected a positive finite float"):
+        attn(idx, cnt, sm_scale=float("nan"))
