@@ -30,6 +30,10 @@ class Capability:
     max_key_blocks: Optional[int] = None
 
 
+# Chunk capacities the public API accepts (SPEC §1). The reference could take any, but
+# keeping every backend to the kernels' set means a config that runs on CPU runs on GPU.
+KERNEL_CAPACITIES = (16, 32, 64, 128, 256)
+
 _HALF = (torch.float16, torch.bfloat16)
 _ALL_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,15 +46,12 @@ CAPABILITIES: Dict[Tuple[str, str], Capability] = {
         Capability("triton", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
         Capability("triton", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
         Capability("triton", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
-        Capability("torch", "select", ("cpu", "cuda"), _ALL_FLOAT, None, None),
-        Capability("torch", "forward", ("cpu", "cuda"), _ALL_FLOAT, None, None),
-        Capability("torch", "backward", ("cpu", "cuda"), _ALL_FLOAT, None, None),
+        Capability("torch", "select", ("cpu", "cuda"), _ALL_FLOAT, None, KERNEL_CAPACITIES),
+        Capability("torch", "forward", ("cpu", "cuda"), _ALL_FLOAT, None, KERNEL_CAPACITIES),
+        Capability("torch", "backward", ("cpu", "cuda"), _ALL_FLOAT, None, KERNEL_CAPACITIES),
     ]
 }
 
-# Chunk capacities any backend accepts (SPEC §1); the torch path takes any, but the
-# public API keeps to the kernels' set so that a config that works on CPU works on GPU.
-KERNEL_CAPACITIES = (16, 32, 64, 128, 256)
 
 
 def _triton_interpreting() -> bool:

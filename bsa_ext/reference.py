@@ -114,8 +114,13 @@ def attention_forward(
     geom_q: ChunkGeometry,
     geom_k: ChunkGeometry,
     sm_scale: Optional[float] = None,
+    query_blocks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §3 forward in float64: ``out [B, H, Sq, D]`` (float64), ``lse [B, H, Sq]`` (float64)."""
+    """SPEC §3 forward in float64: ``out [B, H, Sq, D]`` (float64), ``lse [B, H, Sq]`` (float64).
+
+    ``query_blocks`` (int64 ids) restricts the work to those blocks, for spot checks of
+    large problems; rows of other blocks are left at 0 / -inf.
+    """
     B, H, Sq, D = q.shape
     scale = D**-0.5 if sm_scale is None else sm_scale
     out = q.new_zeros((B, H, Sq, D), dtype=torch.float64)
@@ -124,13 +129,14 @@ def attention_forward(
     for b in range(B):
         for h in range(H):
             keys = _gathered_keys(indices[b, h], counts[b, h], geom_k, q.device)  # [Nq, L]
-            for s0, s1 in _slabs(geom_q.num_blocks, geom_q.capacity, keys.shape[-1]):
-                rows = qtok[s0:s1]
+            blocks = torch.arange(geom_q.num_blocks, device=q.device) if query_blocks is None else query_blocks.to(q.device)
+            for s0, s1 in _slabs(len(blocks), geom_q.capacity, keys.shape[-1]):
+                rows, kt = qtok[blocks[s0:s1]], keys[blocks[s0:s1]]
                 qs = _gather_rows(q[b, h], rows)  # [n, cq, D]
-                ks = _gather_rows(k[b, h], keys[s0:s1])  # [n, L, D]
-                vs = _gather_rows(v[b, h], keys[s0:s1])
+                ks = _gather_rows(k[b, h], kt)  # [n, L, D]
+                vs = _gather_rows(v[b, h], kt)
                 s = (qs @ ks.transpose(-1, -2)) * scale
-                s = s.masked_fill((keys[s0:s1] < 0)[:, None, :], -math.inf)
+                s = s.masked_fill((kt < 0)[:, None, :], -math.inf)
                 m = s.amax(-1, keepdim=True)
                 m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
                 p = torch.exp(s - m)
