@@ -36,6 +36,7 @@ KERNEL_CAPACITIES = (16, 32, 64, 128, 256)
 
 _HALF = (torch.float16, torch.bfloat16)
 _ALL_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_HEAD_DIMS = (32, 64, 96, 128, 256)  # 96 runs on a zero-padded 128-wide tile
 
 CAPABILITIES: Dict[Tuple[str, str], Capability] = {
     (c.backend, c.op): c
@@ -43,9 +44,9 @@ CAPABILITIES: Dict[Tuple[str, str], Capability] = {
         Capability("cuda", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), 4096),
         Capability("cuda", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
         Capability("cuda", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
-        Capability("triton", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
-        Capability("triton", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
-        Capability("triton", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("triton", "select", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
+        Capability("triton", "forward", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
+        Capability("triton", "backward", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
         Capability("torch", "select", ("cpu", "cuda"), _ALL_FLOAT, None, KERNEL_CAPACITIES),
         Capability("torch", "forward", ("cpu", "cuda"), _ALL_FLOAT, None, KERNEL_CAPACITIES),
         Capability("torch", "backward", ("cpu", "cuda"), _ALL_FLOAT, None, KERNEL_CAPACITIES),
