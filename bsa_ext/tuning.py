@@ -17,7 +17,8 @@ frames) it measures:
 Inputs (no weights are involved): q and k share one smooth random field over
 (T, H, W) (a coarse random grid, trilinearly upsampled, twice the amplitude of the
 noise), each with its own token noise, then RMS-normalised per token as LongCat's
-``q_norm`` / ``k_norm`` do; v is an independent smooth field. Neighbouring chunks look
+``q_norm`` / ``k_norm`` do, times 1.5 for the norms' learned weight; v is an independent
+smooth field (``bsa_ext.workloads.video_like_qkv``). Neighbouring chunks look
 alike and attention is local, as in a video latent; the numbers are indicative of the
 trade-off between presets, not of a specific video.
 
@@ -44,33 +45,16 @@ import torch.nn.functional as F
 
 from . import interface
 from .layout import ChunkGeometry
+from .workloads import video_like_qkv
 from .presets import get_preset, preset_names, validate_bsa_params
 
 DOCS_BEGIN = "<!-- bench:begin -->"
 DOCS_END = "<!-- bench:end -->"
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
-def _smooth_field(heads: int, latent, head_dim: int, device, gen, coarse=(4, 8, 8)) -> torch.Tensor:
-    """``[1, heads, T*H*W, head_dim]``: unit-variance noise on a coarse grid, trilinearly upsampled."""
-    grid = tuple(max(2, -(-n // c)) for n, c in zip(latent, coarse))
-    low = torch.randn(heads, head_dim, *grid, device=device, generator=gen)
-    smooth = F.interpolate(low, size=tuple(latent), mode="trilinear", align_corners=True)
-    return smooth.reshape(1, heads, head_dim, -1).transpose(-1, -2).contiguous()
-
-
 def make_inputs(heads: int, latent, head_dim: int, dtype, device, seed: int = 0):
-    """Video-like q, k, v ``[1, heads, T*H*W, head_dim]`` (see the module docstring)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shared = 2.0 * _smooth_field(heads, latent, head_dim, device, gen)
-    q = _rms(shared + torch.randn(shared.shape, device=device, generator=gen)).to(dtype)
-    k = _rms(shared + torch.randn(shared.shape, device=device, generator=gen)).to(dtype)
-    v = (_smooth_field(heads, latent, head_dim, device, gen) + 0.5 * torch.randn(shared.shape, device=device, generator=gen)).to(dtype)
-    return q, k, v
+    """Video-like q, k, v ``[1, heads, T*H*W, head_dim]`` (``bsa_ext.workloads``)."""
+    return video_like_qkv(1, heads, latent, head_dim, dtype, device, seed)
 
 
 def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], Any]], float]:
