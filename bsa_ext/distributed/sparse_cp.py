@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import reference
-from ..layout import ChunkGeometry, as_shape3, selection_width
+from ..layout import ChunkGeometry, as_shape3
 
 Shape = Sequence[int]
 
