@@ -1,0 +1,187 @@
+// CUDA implementations of the private kernel ops bsa::cuda_select_blocks and
+// bsa::cuda_forward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
+// the kernels assume, allocates outputs through torch, fills the params structs of
+// csrc/include/bsa/params.h and launches on the current stream. No host synchronisation.
+#ifndef USE_CUDA
+#define USE_CUDA  // exposes aoti_torch_get_current_cuda_stream in the shim header
+#endif
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bsa/api.h"
+#include "bsa/params.h"
+#include "../instantiations/dispatch.inc"
+
+namespace {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+bsa::Geometry to_geometry(const std::vector<int64_t>& g, const char* name) {
+  STD_TORCH_CHECK(g.size() == 9, name, ": expected 9 ints [T,H,W,t,h,w,Nt,Nh,Nw], got ", g.size());
+  for (int64_t x : g) STD_TORCH_CHECK(x > 0 && x < (1 << 30), name, ": entries must be positive, got ", x);
+  bsa::Geometry r{int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]), int(g[6]), int(g[7]), int(g[8])};
+  STD_TORCH_CHECK(r.t < 1024 && r.h < 1024 && r.w < 1024, name, ": chunk sides must be < 1024");
+  STD_TORCH_CHECK(r.Nt == (r.T + r.t - 1) / r.t && r.Nh == (r.H + r.h - 1) / r.h && r.Nw == (r.W + r.w - 1) / r.w,
+                  name, ": grid does not match latent / chunk");
+  return r;
+}
+
+bsa::DType to_dtype(const Tensor& x, const char* name) {
+  const ScalarType st = x.scalar_type();
+  if (st == ScalarType::Half) return bsa::DType::kFloat16;
+  if (st == ScalarType::BFloat16) return bsa::DType::kBFloat16;
+  STD_TORCH_CHECK(false, name, ": CUDA kernels take float16 or bfloat16");
+  return bsa::DType::kFloat16;
+}
+
+// q/k/v views: 4-d on the GPU, unit last stride, rows and base 16-byte aligned (cp.async / int4 loads).
+void check_qkv(const Tensor& x, const char* name, int64_t seq_len, int device) {
+  STD_TORCH_CHECK(x.is_cuda(), name, ": expected a CUDA tensor");
+  STD_TORCH_CHECK(x.get_device_index() == device, name, ": all tensors must be on one device");
+  STD_TORCH_CHECK(x.dim() == 4, name, ": expected [B, H, S, D], got ", x.dim(), " dims");
+  STD_TORCH_CHECK(x.size(2) == seq_len, name, ": sequence length ", x.size(2), " != latent volume ", seq_len);
+  STD_TORCH_CHECK(x.stride(3) == 1, name, ": the last dimension must be contiguous (stride 1)");
+  for (int d = 0; d < 3; ++d)
+    STD_TORCH_CHECK(x.stride(d) % 8 == 0 || x.size(d) == 1, name, ": stride(", d, ") = ", x.stride(d),
+                    " is not a multiple of 8 elements (rows must be 16-byte aligned)");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, ": data pointer not 16-byte aligned");
+}
+
+int64_t stride_or_zero(const Tensor& x, int d) { return x.size(d) == 1 ? 0 : x.stride(d); }
+
+cudaStream_t current_stream(int device) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
+                  "bsa: could not get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+Tensor int_block_tensor(const Tensor& x, const char* name, std::vector<int64_t> shape, int device) {
+  STD_TORCH_CHECK(x.is_cuda() && x.get_device_index() == device, name, ": expected a tensor on the device of q");
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Int, name, ": expected int32");
+  STD_TORCH_CHECK(x.dim() == static_cast<int64_t>(shape.size()), name, ": expected ", shape.size(), " dims");
+  for (size_t i = 0; i < shape.size(); ++i)
+    STD_TORCH_CHECK(shape[i] < 0 || x.size(i) == shape[i], name, ": dim ", i, " is ", x.size(i), ", expected ",
+                    shape[i]);
+  return x.is_contiguous() ? x : torch::stable::contiguous(x);
+}
+
+std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts,
+                                        std::vector<int64_t> geom_q, std::vector<int64_t> geom_k, double sm_scale) {
+  const bsa::Geometry gq = to_geometry(geom_q, "geom_q"), gk = to_geometry(geom_k, "geom_k");
+  const int device = q.get_device_index();
+  const int64_t sq = int64_t(gq.T) * gq.H * gq.W, sk = int64_t(gk.T) * gk.H * gk.W;
+  // The kernel takes row maxima of raw scores, which is the softmax max only for a positive scale.
+  STD_TORCH_CHECK(sm_scale > 0 && std::isfinite(sm_scale), "sm_scale must be positive and finite, got ", sm_scale);
+  check_qkv(q, "q", sq, device);
+  check_qkv(k, "k", sk, device);
+  check_qkv(v, "v", sk, device);
+  const bsa::DType dt = to_dtype(q, "q");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v: dtypes differ");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  for (const Tensor* x : {&k, &v})
+    STD_TORCH_CHECK(x->size(0) == B && x->size(1) == H && x->size(3) == D, "k, v: batch/heads/head_dim differ from q");
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  const int nq = gq.num_blocks();
+  indices = int_block_tensor(indices, "indices", {B, H, nq, -1}, device);
+  counts = int_block_tensor(counts, "counts", {B, H, nq}, device);
+
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor out = torch::stable::new_empty(q, {B, H, sq, D});
+  Tensor lse = torch::stable::new_empty(q, {B, H, sq}, ScalarType::Float);
+
+  bsa::ForwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = static_cast<float*>(lse.data_ptr());
+  p.indices = static_cast<const int32_t*>(indices.data_ptr());
+  p.counts = static_cast<const int32_t*>(counts.data_ptr());
+  p.q_batch_stride = stride_or_zero(q, 0), p.q_head_stride = stride_or_zero(q, 1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = stride_or_zero(k, 0), p.k_head_stride = stride_or_zero(k, 1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = stride_or_zero(v, 0), p.v_head_stride = stride_or_zero(v, 1), p.v_row_stride = v.stride(2);
+  p.out_batch_stride = H * sq * D, p.out_head_stride = sq * D, p.out_row_stride = D;
+  p.batch = int(B), p.heads = int(H), p.seq_q = int(sq), p.seq_k = int(sk), p.kmax = int(indices.size(3));
+  p.geom_q = gq, p.geom_k = gk;
+  p.sm_scale = float(sm_scale);
+  p.scale_log2 = float(sm_scale * 1.4426950408889634);
+  if (B * H * sq == 0) return {out, lse};
+
+  cudaError_t err = cudaSuccess;
+  const bool found = bsa::dispatch_forward(dt, int(D), gq.capacity(), gk.capacity(), p, current_stream(device), &err);
+  STD_TORCH_CHECK(found, "bsa cuda_forward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),
+                  ", k=", gk.capacity(), "; compiled: ", bsa::kCompiledForward);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_forward: launch failed: ", cudaGetErrorString(err),
+                  " (needs ", bsa::forward_smem_bytes(int(D), gq.capacity(), gk.capacity()), " bytes of shared memory)");
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<int64_t> geom_q,
+                                              std::vector<int64_t> geom_k, int64_t topk, double cdf_threshold,
+                                              int64_t width) {
+  const bsa::Geometry gq = to_geometry(geom_q, "geom_q"), gk = to_geometry(geom_k, "geom_k");
+  const int device = q.get_device_index();
+  const int64_t sq = int64_t(gq.T) * gq.H * gq.W, sk = int64_t(gk.T) * gk.H * gk.W;
+  check_qkv(q, "q", sq, device);
+  check_qkv(k, "k", sk, device);
+  const bsa::DType dt = to_dtype(q, "q");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type(), "q, k: dtypes differ");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  STD_TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, "k: batch/heads/head_dim differ from q");
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  const int64_t nq = gq.num_blocks(), nk = gk.num_blocks();
+  STD_TORCH_CHECK(width >= 0 && width <= nk, "width must be in [0, Nk], got ", width);
+  STD_TORCH_CHECK(topk >= 0 && topk <= nk, "topk must be in [0, Nk], got ", topk);
+  STD_TORCH_CHECK(gq.capacity() <= 256 && gk.capacity() <= 256, "chunk capacity must be <= 256 for selection");
+  STD_TORCH_CHECK(nk < 65536 && nk * 4 <= 200 * 1024, "Nk = ", nk, " key blocks exceed the selection kernel's shared memory");
+
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor indices = torch::stable::new_empty(q, {B, H, nq, width}, ScalarType::Int);
+  Tensor counts = torch::stable::new_empty(q, {B, H, nq}, ScalarType::Int);
+  if (B * H * nq == 0) return {indices, counts};
+  // Workspaces: pooled blocks and the score matrix (freed back to torch's caching allocator).
+  Tensor q_pooled = torch::stable::new_empty(q, {B, H, nq, D}, ScalarType::Float);
+  Tensor k_pooled = torch::stable::new_empty(q, {B, H, nk, D}, ScalarType::Float);
+  Tensor scores = torch::stable::new_empty(q, {B, H, nq, nk}, ScalarType::Float);
+
+  bsa::SelectParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_batch_stride = stride_or_zero(q, 0), p.q_head_stride = stride_or_zero(q, 1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = stride_or_zero(k, 0), p.k_head_stride = stride_or_zero(k, 1), p.k_row_stride = k.stride(2);
+  p.q_pooled = static_cast<float*>(q_pooled.data_ptr());
+  p.k_pooled = static_cast<float*>(k_pooled.data_ptr());
+  p.scores = static_cast<float*>(scores.data_ptr());
+  p.indices = static_cast<int32_t*>(indices.data_ptr());
+  p.counts = static_cast<int32_t*>(counts.data_ptr());
+  p.batch = int(B), p.heads = int(H), p.head_dim = int(D);
+  p.geom_q = gq, p.geom_k = gk;
+  p.topk = int(topk);
+  p.cdf_threshold = cdf_threshold > 0 ? float(cdf_threshold) : -1.f;
+  p.width = int(width);
+
+  cudaError_t err = cudaSuccess;
+  const bool found = bsa::dispatch_select(dt, int(D), p, current_stream(device), &err);
+  STD_TORCH_CHECK(found, "bsa cuda_select_blocks: no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_select_blocks: launch failed: ", cudaGetErrorString(err));
+  return {indices, counts};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(bsa, CUDA, m) {
+  m.impl("cuda_forward", TORCH_BOX(&cuda_forward));
+  m.impl("cuda_select_blocks", TORCH_BOX(&cuda_select_blocks));
+}

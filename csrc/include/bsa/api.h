@@ -1,0 +1,30 @@
+// Host-side launcher declarations: what bindings_cuda.cpp (a plain C++ file) may call.
+// Definitions live in the .cuh headers; each instantiation has its own generated .cu file.
+#pragma once
+
+#include "bsa/params.h"
+
+namespace bsa {
+
+// Returns cudaSuccess or the launch error; never synchronises.
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+cudaError_t run_forward(const ForwardParams& params, cudaStream_t stream);
+
+// Pools q and k, scores all block pairs and selects per query block; never synchronises.
+template <DType kDType, int kHeadDim>
+cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
+
+// Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
+// K/V (128-key chunks), or 32 rows per warp with single K and V buffers (64-key chunks).
+constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
+  return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k);
+}
+constexpr int forward_smem_bytes_wide(int head_dim, int cap_q, int cap_k) {
+  return 2 * (cap_q * head_dim + 2 * cap_k * head_dim) + 8 * (cap_q + cap_k);
+}
+constexpr int forward_smem_bytes(int head_dim, int cap_q, int cap_k) {
+  return cap_k == 64 ? forward_smem_bytes_wide(head_dim, cap_q, cap_k)
+                     : forward_smem_bytes_narrow(head_dim, cap_q, cap_k);
+}
+
+}  // namespace bsa

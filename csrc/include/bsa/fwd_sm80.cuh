@@ -1,0 +1,564 @@
+// Block-sparse flash-attention forward for sm_80 and newer (mma.sync, ldmatrix, cp.async).
+//
+// One CTA per (query block, batch*head); blockIdx.x is the query block, so the CTAs in
+// flight at once belong to one head and share its K/V in L2. The Q tile is the whole
+// query chunk, K/V tiles are one key chunk; rows are gathered from THW-ordered tensors
+// with the chunk arithmetic of params.h (cp.async zero-fills padding / skipped rows).
+// Two kernels (run_forward picks by key capacity):
+// * forward_kernel (128-key chunks): one warp per 16 query rows, Q in registers, K/V
+//   double buffered so block n+1 streams in while block n is computed;
+// * forward_wide_kernel (64-key chunks): one warp per 32 query rows, see its comment.
+//
+// Shared memory rows are kHeadDim elements with 16-byte chunks XOR-swizzled by row%8,
+// so that ldmatrix (8 rows, same logical chunk) and cp.async hit distinct banks.
+#pragma once
+
+#include <cmath>
+
+#include "bsa/api.h"
+#include "bsa/params.h"
+#include "bsa/ptx.cuh"
+
+namespace bsa {
+namespace fwd {
+
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int col) {
+  return row * kHeadDim + ((((col >> 3) ^ (row & 7))) << 3);
+}
+
+// Copies kRows rows of block `o` into smem (zero rows where padding or `live` is false).
+template <typename Element, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile(Element* smem, const Element* base, int64_t row_stride,
+                                          const RowCoord* rows, const BlockOrigin& o, bool live, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kIters = kRows * kChunks / kThreads;
+  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
+  const Element* block_base = base + static_cast<int64_t>(o.token) * row_stride;
+  if (live && o.full) {
+    // Interior block (the common case): no per-row tests; partial unroll bounds live addresses.
+#pragma unroll 4
+    for (int it = 0; it < kIters; ++it) {
+      const int i = tid + it * kThreads;
+      const int r = i / kChunks, c = i % kChunks;
+      const Element* src = block_base + static_cast<int64_t>(rows[r].offset) * row_stride + c * 8;
+      cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src, 16);
+    }
+    return;
+  }
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {
+    const int i = tid + it * kThreads;
+    const int r = i / kChunks, c = i % kChunks;
+    const RowCoord rc = rows[r];
+    const bool ok = live && row_inside(o, rc.packed);
+    // Padding rows still need a legal address: the tensor's first element is never out of bounds.
+    const Element* src = ok ? block_base + static_cast<int64_t>(rc.offset) * row_stride + c * 8 : base;
+    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src, ok ? 16 : 0);
+  }
+}
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+struct Kernel {
+  using Element = typename ElementOf<kDType>::type;
+  static constexpr int kWarps = kCapQ / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kSmem = forward_smem_bytes_narrow(kHeadDim, kCapQ, kCapK);
+  static constexpr int kMinBlocks = kCapQ == 64 ? 2 : 1;
+  static_assert(kHeadDim % 16 == 0 && kCapK % 16 == 0 && kCapQ % 16 == 0, "tile shapes are multiples of 16");
+};
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+__global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThreads,
+                                  Kernel<kDType, kHeadDim, kCapQ, kCapK>::kMinBlocks)
+    forward_kernel(const ForwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // cp.async / bf16 mma need sm_80; the binding never launches this below it
+#else
+  using K = Kernel<kDType, kHeadDim, kCapQ, kCapK>;
+  using Element = typename K::Element;
+  constexpr int kThreads = K::kThreads;
+  constexpr int kNT = kCapK / 8;      // n-tiles of S per warp
+  constexpr int kDT = kHeadDim / 8;   // n-tiles of O per warp
+  constexpr int kKQ = kHeadDim / 16;  // k-steps of Q K^T
+  constexpr int kKP = kCapK / 16;     // k-steps of P V
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + kCapQ * kHeadDim;         // [2][kCapK][kHeadDim]
+  Element* sV = sK + 2 * kCapK * kHeadDim;     // [2][kCapK][kHeadDim]
+  RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kCapK * kHeadDim);
+  RowCoord* k_rows = q_rows + kCapQ;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int qb = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+
+  const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
+  const int32_t* ids = p.indices + row_id * p.kmax;
+  int count = p.counts[row_id];
+  count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+
+  if (tid < kCapQ) q_rows[tid] = row_coord(p.geom_q, tid);
+  if (tid < kCapK) k_rows[tid] = row_coord(p.geom_k, tid);
+  __syncthreads();
+
+  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const BlockOrigin q_origin = block_origin(p.geom_q, qb);
+
+  load_tile<Element, kHeadDim, kCapQ, kThreads>(sQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);
+
+  // Out-of-range ids are clamped for addressing and fully masked: they contribute nothing.
+  const int first = count > 0 ? ids[0] : 0;
+  bool live = first >= 0 && first < nk;
+  BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
+  if (count > 0) {
+    load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
+    load_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, k_rows, origin, live, tid);
+  }
+  cp_async_commit();
+  int next_id = count > 1 ? ids[1] : 0;
+
+  uint32_t q_frag[kKQ][4];
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int j = 0; j < kDT; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // running max of raw scores
+  float row_sum[2] = {0.f, 0.f};              // per-thread partial sums, reduced at the end
+
+  const int g = lane >> 2, c = lane & 3;
+  const int warp_row = warp * 16;
+
+  for (int n = 0; n < count; ++n) {
+    const int stage = n & 1;
+    // One barrier per block: K and V of block n have landed for every thread, and every warp
+    // has finished block n-1, so its stage can be refilled with block n+1 right away.
+    cp_async_wait<0>();
+    __syncthreads();
+    const int nid = next_id;
+    const bool nlive = nid >= 0 && nid < nk;
+    const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
+    if (n + 1 < count) {
+      Element* dk = sK + (stage ^ 1) * kCapK * kHeadDim;
+      Element* dv = sV + (stage ^ 1) * kCapK * kHeadDim;
+      load_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_rows, norigin, nlive, tid);
+      load_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, k_rows, norigin, nlive, tid);
+      // The id after next is fetched now so its latency hides behind this block's math.
+      next_id = n + 2 < count ? ids[n + 2] : 0;
+    }
+    cp_async_commit();
+
+    if (n == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kKQ; ++kk)
+        ldmatrix_x4(q_frag[kk], sQ + swizzle<kHeadDim>(warp_row + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
+
+    const Element* k_tile = sK + stage * kCapK * kHeadDim;
+    float acc_s[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) acc_s[j][0] = acc_s[j][1] = acc_s[j][2] = acc_s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKQ; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t kf[4];
+        const int key = np * 16 + (lane >> 4) * 8 + (lane & 7);
+        ldmatrix_x4(kf, k_tile + swizzle<kHeadDim>(key, kk * 16 + ((lane >> 3) & 1) * 8));
+        mma_16816<kDType>(acc_s[2 * np], q_frag[kk], kf[0], kf[1]);
+        mma_16816<kDType>(acc_s[2 * np + 1], q_frag[kk], kf[2], kf[3]);
+      }
+    }
+
+    if (!(live && origin.full)) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = j * 8 + 2 * c + e;
+          if (!(live && row_inside(origin, k_rows[col].packed))) acc_s[j][e] = acc_s[j][e + 2] = -INFINITY;
+        }
+      }
+    }
+
+    float corr[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      // Serial max/sum: tree temporaries cost registers that the 128-key tiles cannot spare.
+      float mx = row_max[hr];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * hr], acc_s[j][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      // A row with every key masked so far keeps max -inf; subtracting 0 then keeps p = 0, not NaN.
+      const float base = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      const float old = row_max[hr];
+      corr[hr] = old == mx ? 1.f : (old == -INFINITY ? 0.f : exp2_approx(old * p.scale_log2 - base));
+      row_max[hr] = mx;
+      row_sum[hr] *= corr[hr];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        acc_s[j][2 * hr] = exp2_approx(fmaf(acc_s[j][2 * hr], p.scale_log2, -base));
+        acc_s[j][2 * hr + 1] = exp2_approx(fmaf(acc_s[j][2 * hr + 1], p.scale_log2, -base));
+        row_sum[hr] += acc_s[j][2 * hr] + acc_s[j][2 * hr + 1];
+      }
+    }
+    // The running max settles after a few blocks: skip the O rescale when no row of the warp moved.
+    if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int j = 0; j < kDT; ++j) {
+        acc_o[j][0] *= corr[0];
+        acc_o[j][1] *= corr[0];
+        acc_o[j][2] *= corr[1];
+        acc_o[j][3] *= corr[1];
+      }
+    }
+
+    const Element* v_tile = sV + stage * kCapK * kHeadDim;
+#pragma unroll
+    for (int kk = 0; kk < kKP; ++kk) {
+      uint32_t pf[4];
+      pf[0] = ElementOf<kDType>::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+      pf[1] = ElementOf<kDType>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+      pf[2] = ElementOf<kDType>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+      pf[3] = ElementOf<kDType>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t vf[4];
+        const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        ldmatrix_x4_trans(vf, v_tile + swizzle<kHeadDim>(key, dp * 16 + (lane >> 4) * 8));
+        mma_16816<kDType>(acc_o[2 * dp], pf, vf[0], vf[1]);
+        mma_16816<kDType>(acc_o[2 * dp + 1], pf, vf[2], vf[3]);
+      }
+    }
+    live = nlive;
+    origin = norigin;
+  }
+
+  // Epilogue: normalise, stage O through the (now free) Q rows of this warp, store THW rows.
+  cp_async_wait<0>();
+  __syncthreads();
+  float lse_row[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = row_sum[hr];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    lse_row[hr] = l > 0.f ? (row_max[hr] * p.scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+      const int row = warp_row + g + 8 * hr;
+      const uint32_t packed = ElementOf<kDType>::pack(acc_o[j][2 * hr] * inv, acc_o[j][2 * hr + 1] * inv);
+      *reinterpret_cast<uint32_t*>(sQ + swizzle<kHeadDim>(row, j * 8) + 2 * c) = packed;
+    }
+  }
+  __syncwarp();
+
+  Element* out_base = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  constexpr int kChunks = kHeadDim / 8;
+#pragma unroll
+  for (int it = 0; it < 16 * kChunks / 32; ++it) {
+    const int i = lane + it * 32;
+    const int row = warp_row + i / kChunks, ch = i % kChunks;
+    const RowCoord rc = q_rows[row];
+    if (q_origin.full || row_inside(q_origin, rc.packed)) {
+      const int4 val = *reinterpret_cast<const int4*>(sQ + swizzle<kHeadDim>(row, ch * 8));
+      *reinterpret_cast<int4*>(out_base + static_cast<int64_t>(q_origin.token + rc.offset) * p.out_row_stride +
+                               ch * 8) = val;
+    }
+  }
+  if (c == 0) {
+    float* lse_base = p.lse + static_cast<int64_t>(bh) * p.seq_q;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const RowCoord rc = q_rows[warp_row + g + 8 * hr];
+      if (q_origin.full || row_inside(q_origin, rc.packed)) lse_base[q_origin.token + rc.offset] = lse_row[hr];
+    }
+  }
+#endif
+}
+
+// Variant for 64-row key chunks: 32 query rows per warp (two m16 tiles share every K/V
+// fragment, halving ldmatrix traffic and doubling independent mma chains), Q read from
+// smem, single K and V buffers pipelined FlashAttention-2 style (V_n streams in during
+// Q K_n^T, K_{n+1} during softmax and P V_n). 48 KB of smem for 64x64 tiles: 4 CTAs/SM.
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+struct WideKernel {
+  using Element = typename ElementOf<kDType>::type;
+  static constexpr int kWarps = kCapQ / 32;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kSmem = forward_smem_bytes_wide(kHeadDim, kCapQ, kCapK);
+  static constexpr int kMinBlocks = kCapQ == 64 ? 4 : 2;
+  static_assert(kCapK == 64, "the wide variant holds one 64-key S tile per m-tile");
+};
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+__global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kThreads,
+                                  WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kMinBlocks)
+    forward_wide_kernel(const ForwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  using K = WideKernel<kDType, kHeadDim, kCapQ, kCapK>;
+  using Element = typename K::Element;
+  constexpr int kThreads = K::kThreads;
+  constexpr int kNT = kCapK / 8;
+  constexpr int kDT = kHeadDim / 8;
+  constexpr int kKQ = kHeadDim / 16;
+  constexpr int kKP = kCapK / 16;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + kCapQ * kHeadDim;
+  Element* sV = sK + kCapK * kHeadDim;
+  RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kCapK * kHeadDim);
+  RowCoord* k_rows = q_rows + kCapQ;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int qb = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+
+  const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
+  const int32_t* ids = p.indices + row_id * p.kmax;
+  int count = p.counts[row_id];
+  count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+
+  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
+  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
+  __syncthreads();
+
+  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const BlockOrigin q_origin = block_origin(p.geom_q, qb);
+
+  load_tile<Element, kHeadDim, kCapQ, kThreads>(sQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);
+  // Out-of-range ids are clamped for addressing and fully masked: they contribute nothing.
+  const int first = count > 0 ? ids[0] : 0;
+  bool live = first >= 0 && first < nk;
+  BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
+  if (count > 0) load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
+  cp_async_commit();
+  int next_id = count > 1 ? ids[1] : 0;
+
+  float acc_o[2][kDT][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.f;
+  float row_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // [mt*2 + hr], raw scores
+  float row_sum[4] = {0.f, 0.f, 0.f, 0.f};
+
+  const int g = lane >> 2, c = lane & 3;
+  const int warp_row = warp * 32;
+
+  for (int n = 0; n < count; ++n) {
+    cp_async_wait<0>();  // K_n (and Q) landed
+    __syncthreads();     // ... for every thread; every warp is also done with V_{n-1}
+    load_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, k_rows, origin, live, tid);
+    cp_async_commit();
+
+    float acc_s[2][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) acc_s[mt][j][0] = acc_s[mt][j][1] = acc_s[mt][j][2] = acc_s[mt][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKQ; ++kk) {
+      uint32_t qf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldmatrix_x4(qf[mt], sQ + swizzle<kHeadDim>(warp_row + mt * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t kf[4];
+        const int key = np * 16 + (lane >> 4) * 8 + (lane & 7);
+        ldmatrix_x4(kf, sK + swizzle<kHeadDim>(key, kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<kDType>(acc_s[mt][2 * np], qf[mt], kf[0], kf[1]);
+          mma_16816<kDType>(acc_s[mt][2 * np + 1], qf[mt], kf[2], kf[3]);
+        }
+      }
+    }
+
+    if (!(live && origin.full)) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = j * 8 + 2 * c + e;
+          if (!(live && row_inside(origin, k_rows[col].packed))) {
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) acc_s[mt][j][e] = acc_s[mt][j][e + 2] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    float corr[4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int ri = mt * 2 + hr;
+        float t[kNT];
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) t[j] = fmaxf(acc_s[mt][j][2 * hr], acc_s[mt][j][2 * hr + 1]);
+#pragma unroll
+        for (int w = kNT / 2; w >= 1; w /= 2)
+#pragma unroll
+          for (int j = 0; j < w; ++j) t[j] = fmaxf(t[j], t[j + w]);
+        float mx = fmaxf(row_max[ri], t[0]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        // A row with every key masked so far keeps max -inf; subtracting 0 then keeps p = 0, not NaN.
+        const float base = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+        const float old = row_max[ri];
+        corr[ri] = old == mx ? 1.f : (old == -INFINITY ? 0.f : exp2_approx(old * p.scale_log2 - base));
+        row_max[ri] = mx;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          acc_s[mt][j][2 * hr] = exp2_approx(fmaf(acc_s[mt][j][2 * hr], p.scale_log2, -base));
+          acc_s[mt][j][2 * hr + 1] = exp2_approx(fmaf(acc_s[mt][j][2 * hr + 1], p.scale_log2, -base));
+          t[j] = acc_s[mt][j][2 * hr] + acc_s[mt][j][2 * hr + 1];
+        }
+#pragma unroll
+        for (int w = kNT / 2; w >= 1; w /= 2)
+#pragma unroll
+          for (int j = 0; j < w; ++j) t[j] += t[j + w];
+        row_sum[ri] = fmaf(row_sum[ri], corr[ri], t[0]);
+      }
+    }
+    // The running max settles after a few blocks: skip the O rescale when no row of the warp moved.
+    if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f || corr[2] != 1.f || corr[3] != 1.f)) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < kDT; ++j) {
+          acc_o[mt][j][0] *= corr[2 * mt];
+          acc_o[mt][j][1] *= corr[2 * mt];
+          acc_o[mt][j][2] *= corr[2 * mt + 1];
+          acc_o[mt][j][3] *= corr[2 * mt + 1];
+        }
+    }
+
+    cp_async_wait<0>();  // V_n landed
+    __syncthreads();     // ... for every thread; every warp is also done reading K_n
+    const int nid = next_id;
+    const bool nlive = nid >= 0 && nid < nk;
+    const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
+    if (n + 1 < count) {
+      load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, norigin, nlive, tid);
+      next_id = n + 2 < count ? ids[n + 2] : 0;
+    }
+    cp_async_commit();
+
+#pragma unroll
+    for (int kk = 0; kk < kKP; ++kk) {
+      uint32_t pf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        pf[mt][0] = ElementOf<kDType>::pack(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+        pf[mt][1] = ElementOf<kDType>::pack(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+        pf[mt][2] = ElementOf<kDType>::pack(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+        pf[mt][3] = ElementOf<kDType>::pack(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t vf[4];
+        const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        ldmatrix_x4_trans(vf, sV + swizzle<kHeadDim>(key, dp * 16 + (lane >> 4) * 8));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<kDType>(acc_o[mt][2 * dp], pf[mt], vf[0], vf[1]);
+          mma_16816<kDType>(acc_o[mt][2 * dp + 1], pf[mt], vf[2], vf[3]);
+        }
+      }
+    }
+    live = nlive;
+    origin = norigin;
+  }
+
+  // Epilogue: normalise, stage O through this warp's own Q rows, store THW rows.
+  cp_async_wait<0>();
+  __syncthreads();
+  float lse_row[4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int ri = mt * 2 + hr;
+      float l = row_sum[ri];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      lse_row[ri] = l > 0.f ? (row_max[ri] * p.scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+      const int row = warp_row + mt * 16 + g + 8 * hr;
+#pragma unroll
+      for (int j = 0; j < kDT; ++j) {
+        const uint32_t packed = ElementOf<kDType>::pack(acc_o[mt][j][2 * hr] * inv, acc_o[mt][j][2 * hr + 1] * inv);
+        *reinterpret_cast<uint32_t*>(sQ + swizzle<kHeadDim>(row, j * 8) + 2 * c) = packed;
+      }
+    }
+  }
+  __syncwarp();
+
+  Element* out_base = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  constexpr int kChunks = kHeadDim / 8;
+#pragma unroll
+  for (int it = 0; it < 32 * kChunks / 32; ++it) {
+    const int i = lane + it * 32;
+    const int row = warp_row + i / kChunks, ch = i % kChunks;
+    const RowCoord rc = q_rows[row];
+    if (q_origin.full || row_inside(q_origin, rc.packed)) {
+      const int4 val = *reinterpret_cast<const int4*>(sQ + swizzle<kHeadDim>(row, ch * 8));
+      *reinterpret_cast<int4*>(out_base + static_cast<int64_t>(q_origin.token + rc.offset) * p.out_row_stride +
+                               ch * 8) = val;
+    }
+  }
+  if (c == 0) {
+    float* lse_base = p.lse + static_cast<int64_t>(bh) * p.seq_q;
+#pragma unroll
+    for (int ri = 0; ri < 4; ++ri) {
+      const RowCoord rc = q_rows[warp_row + (ri >> 1) * 16 + g + 8 * (ri & 1)];
+      if (q_origin.full || row_inside(q_origin, rc.packed)) lse_base[q_origin.token + rc.offset] = lse_row[ri];
+    }
+  }
+#endif
+}
+
+}  // namespace fwd
+
+// Key chunks of 64 rows take the wide variant; 128-row key chunks the 16-rows-per-warp one
+// (two 32x128 S tiles would not fit in registers). Keep in step with forward_smem_bytes.
+template <int kCapK>
+constexpr bool kUseWideForward = kCapK == 64;
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+cudaError_t run_forward(const ForwardParams& params, cudaStream_t stream) {
+  const dim3 grid(params.geom_q.num_blocks(), params.batch * params.heads);
+  if constexpr (kUseWideForward<kCapK>) {
+    using K = fwd::WideKernel<kDType, kHeadDim, kCapQ, kCapK>;
+    auto kernel = fwd::forward_wide_kernel<kDType, kHeadDim, kCapQ, kCapK>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmem);
+    if (err != cudaSuccess) return err;
+    if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+    kernel<<<grid, K::kThreads, K::kSmem, stream>>>(params);
+  } else {
+    using K = fwd::Kernel<kDType, kHeadDim, kCapQ, kCapK>;
+    auto kernel = fwd::forward_kernel<kDType, kHeadDim, kCapQ, kCapK>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmem);
+    if (err != cudaSuccess) return err;
+    if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+    kernel<<<grid, K::kThreads, K::kSmem, stream>>>(params);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace bsa

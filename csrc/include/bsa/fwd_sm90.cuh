@@ -1,0 +1,506 @@
+// Block-sparse flash-attention forward for Hopper (sm_90a): TMA + mbarrier + wgmma,
+// warp-specialised.
+//
+// CTA = 3 warpgroups. Warpgroup 0 is the producer: one elected thread per "ring" issues TMA
+// copies of whole 3D chunks (a box (64, w, h, t, 1) of the 5-D view (D, W, H, T, heads) of a
+// THW-ordered tensor, so rows land in chunk order with no layout copy; out-of-bounds rows of
+// partial edge chunks arrive as zeros). Warpgroups 1 and 2 are consumers, 64 query rows each:
+//  * capacity-64 query blocks: each consumer owns a different query block with its own key
+//    list and its own K/V ring (two independent streams: while one warpgroup runs softmax the
+//    other's wgmmas keep the tensor cores busy);
+//  * capacity-128 query blocks: both consumers share one ring (one K/V copy feeds 128 rows).
+// Inside a consumer the loop is software-pipelined: S_{n+1} = Q K_{n+1}^T and O += P_n V_n are
+// issued back to back, softmax of S_{n+1} runs while P_n V_n is still on the tensor cores.
+// K and V have separate full/empty barriers, so K_{n+1} streams in while P_n V_n runs.
+// The grid is (query-block pairs, heads): blockIdx.x fastest, so CTAs in flight share one
+// head's K/V in L2. `out` leaves through a TMA store of the same box (edge rows clipped).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "bsa/params.h"
+#include "bsa/ptx.cuh"
+#include "bsa/sm90_api.cuh"
+#include "bsa/sm90_ptx.cuh"
+
+namespace bsa {
+namespace sm90 {
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+struct ForwardTraits {
+  static constexpr int kRings = kCapQ == 64 ? 2 : 1;
+  static constexpr int kConsumersPerRing = 2 / kRings;
+  static constexpr int kThreads = 384;
+  static constexpr int kHalves = kHeadDim / 64;          // 64-column (128-byte) boxes per row
+  static constexpr int kQBytes = kCapQ * kHeadDim * 2;   // one ring's query tile
+  static constexpr int kTileBytes = kCapK * kHeadDim * 2;  // one K or one V tile
+  static constexpr int kSmemLimit = 227 * 1024;
+  static constexpr int kReserve = 2048;  // barriers, ids, row tables, alignment slack
+  static constexpr int kStagesFit = (kSmemLimit - kRings * kQBytes - kReserve) / (kRings * 2 * kTileBytes);
+  static constexpr int kStages = kStagesFit > 4 ? 4 : kStagesFit;
+  static_assert(kStages >= 1, "tiles do not fit in shared memory");
+  static_assert(kHeadDim % 64 == 0 && kCapQ % 64 == 0 && kCapK % 64 == 0, "64-multiples only");
+
+  // Byte offsets from the 1024-aligned base (every tile 1024-aligned for the 128B swizzle).
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffK = kOffQ + kRings * kQBytes;
+  static constexpr int kOffV = kOffK + kRings * kStages * kTileBytes;
+  static constexpr int kOffBars = kOffV + kRings * kStages * kTileBytes;
+  static constexpr int kNumBars = kRings * (4 * kStages + 1);
+  static constexpr int kOffIds = kOffBars + 8 * kNumBars;
+  static constexpr int kOffKRows = kOffIds + 4 * kRings * kStages;
+  static constexpr int kOffQRows = kOffKRows + 4 * kCapK;
+  static constexpr int kSmemBytes = kOffQRows + 8 * kCapQ + 1024;
+
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+};
+
+// Barrier set of one ring, laid out [full_k | full_v | empty_k | empty_v][stage], then q_full.
+template <int kStages>
+struct Ring {
+  uint64_t* bars;
+  int* ids;
+  __device__ uint64_t* full_k(int s) const { return bars + s; }
+  __device__ uint64_t* full_v(int s) const { return bars + kStages + s; }
+  __device__ uint64_t* empty_k(int s) const { return bars + 2 * kStages + s; }
+  __device__ uint64_t* empty_v(int s) const { return bars + 3 * kStages + s; }
+  __device__ uint64_t* q_full() const { return bars + 4 * kStages; }
+};
+
+// Chunk grid coordinates (iw, ih, it) of block b: the TMA box origin is (iw*w, ih*h, it*t).
+struct BoxOrigin {
+  int x, y, z;
+};
+__device__ __forceinline__ BoxOrigin box_origin(const Geometry& g, int b) {
+  return {(b % g.Nw) * g.w, ((b / g.Nw) % g.Nh) * g.h, (b / (g.Nh * g.Nw)) * g.t};
+}
+
+// Releases a stage: one arrive per warp once all its lanes are past their reads.
+__device__ __forceinline__ void release(uint64_t* bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
+// Online softmax over one S tile (rows g and g+8 of this thread's warp); returns O's rescale.
+template <int kCapK>
+__device__ __forceinline__ void online_softmax(float (&s)[kCapK / 2], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&corr)[2], float scale_log2) {
+  constexpr int kNT = kCapK / 8;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    // Tree reductions keep the dependency chains short.
+    float t[kNT];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) t[j] = fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
+#pragma unroll
+    for (int w = kNT / 2; w >= 1; w /= 2)
+#pragma unroll
+      for (int j = 0; j < w; ++j) t[j] = fmaxf(t[j], t[j + w]);
+    float mx = fmaxf(row_max[hr], t[0]);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    // A row whose keys were all masked so far keeps max -inf: subtracting 0 keeps p = 0, not NaN.
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+    const float old = row_max[hr];
+    corr[hr] = old == mx ? 1.f : (old == -INFINITY ? 0.f : exp2_approx(old * scale_log2 - base));
+    row_max[hr] = mx;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      s[4 * j + 2 * hr] = exp2_approx(fmaf(s[4 * j + 2 * hr], scale_log2, -base));
+      s[4 * j + 2 * hr + 1] = exp2_approx(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -base));
+      t[j] = s[4 * j + 2 * hr] + s[4 * j + 2 * hr + 1];
+    }
+#pragma unroll
+    for (int w = kNT / 2; w >= 1; w /= 2)
+#pragma unroll
+      for (int j = 0; j < w; ++j) t[j] += t[j + w];
+    row_sum[hr] = fmaf(row_sum[hr], corr[hr], t[0]);
+  }
+}
+
+// Padding keys of a partial edge block score -inf (TMA filled their rows with zeros).
+template <int kCapK>
+__device__ __forceinline__ void mask_partial_block(float (&s)[kCapK / 2], const int* k_packed, const BlockOrigin& o,
+                                                   int quad) {
+#pragma unroll
+  for (int j = 0; j < kCapK / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (!row_inside(o, k_packed[8 * j + 2 * quad + e])) s[4 * j + e] = s[4 * j + 2 + e] = -INFINITY;
+}
+
+// S tile (fp32 accumulators) -> bf16/fp16 A fragments of the P V wgmma (same register layout).
+template <DType kDType, int kCapK>
+__device__ __forceinline__ void pack_p(uint32_t (&pf)[kCapK / 16][4], const float (&s)[kCapK / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < kCapK / 16; ++kk) {
+    pf[kk][0] = ElementOf<kDType>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+    pf[kk][1] = ElementOf<kDType>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+    pf[kk][2] = ElementOf<kDType>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+    pf[kk][3] = ElementOf<kDType>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Issues S = Q K^T for one key tile (kHeadDim/16 k-steps of 16 columns).
+template <DType kDType, int kHeadDim, int kCapK, int kQRows>
+__device__ __forceinline__ void issue_scores(float (&s)[kCapK / 2], uint32_t q_addr, uint32_t k_addr) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    // Within a 128-byte swizzle row the k-step is a 32-byte start offset; halves are whole boxes.
+    const uint32_t qa = q_addr + (kk / 4) * kQRows * 128 + (kk % 4) * 32;
+    const uint32_t ka = k_addr + (kk / 4) * kCapK * 128 + (kk % 4) * 32;
+    wgmma_ss<kDType, kCapK>(s, smem_desc_sw128(qa, 16), smem_desc_sw128(ka, 16), kk > 0);
+  }
+  wgmma_commit();
+}
+
+// Issues O += P V for one value tile: 16 keys (2048 bytes of rows) per k-step.
+template <DType kDType, int kHeadDim, int kCapK>
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&pf)[kCapK / 16][4],
+                                         uint32_t v_addr) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kCapK / 16; ++kk)
+    wgmma_rs<kDType, kHeadDim>(o, pf[kk], smem_desc_sw128(v_addr + kk * 2048, kCapK * 128));
+  wgmma_commit();
+}
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+__global__ void __launch_bounds__(384, 1)
+    forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_out,
+                   const ForwardParams p, const int bh_base, const int qkv_head_base) {
+#if !BSA_SM90_ENABLED
+  __trap();  // built for other targets only so that one build covers every arch; never launched there
+#else
+  using Tr = ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>;
+  constexpr int kStages = Tr::kStages;
+  constexpr int kRings = Tr::kRings;
+  constexpr int kQRowsPerRing = kCapQ;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Tr::kOffBars);
+  int* stage_ids = reinterpret_cast<int*>(smem + Tr::kOffIds);
+  int* k_packed = reinterpret_cast<int*>(smem + Tr::kOffKRows);
+  RowCoord* q_rows = reinterpret_cast<RowCoord*>(smem + Tr::kOffQRows);
+
+  const int tid = threadIdx.x;
+  const int bh = bh_base + blockIdx.y;             // index into counts / indices / lse / out
+  const int qkv_head = qkv_head_base + blockIdx.y;  // coordinate in the q/k/v tensor maps
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+
+  if (tid == 0) {
+    for (int r = 0; r < kRings; ++r) {
+      uint64_t* rb = bars + r * (4 * kStages + 1);
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(rb + s, 1);
+        mbar_init(rb + kStages + s, 1);
+        mbar_init(rb + 2 * kStages + s, 4 * Tr::kConsumersPerRing);
+        mbar_init(rb + 3 * kStages + s, 4 * Tr::kConsumersPerRing);
+      }
+      mbar_init(rb + 4 * kStages, 1);
+    }
+    mbar_init_fence();
+  }
+  for (int r = tid; r < kCapK; r += Tr::kThreads) k_packed[r] = row_coord(p.geom_k, r).packed;
+  for (int r = tid; r < kCapQ; r += Tr::kThreads) q_rows[r] = row_coord(p.geom_q, r);
+  __syncthreads();
+
+  const int warpgroup = tid / 128;
+  if (warpgroup == 0) {
+    // ------------------------------------------------------------ producer
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    const int warp = tid / 32, lane = tid % 32;
+    if (warp >= kRings || lane != 0) return;
+    const int r = warp;
+    const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
+    if (qb >= nq) return;
+    Ring<kStages> ring{bars + r * (4 * kStages + 1), stage_ids + r * kStages};
+    unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
+    unsigned char* sK = smem + Tr::kOffK + r * kStages * Tr::kTileBytes;
+    unsigned char* sV = smem + Tr::kOffV + r * kStages * Tr::kTileBytes;
+    prefetch_tensor_map(&tm_q);
+    prefetch_tensor_map(&tm_k);
+    prefetch_tensor_map(&tm_v);
+
+    const BoxOrigin qo = box_origin(p.geom_q, qb);
+    mbar_arrive_expect_tx(ring.q_full(), Tr::kQBytes);
+#pragma unroll
+    for (int half = 0; half < Tr::kHalves; ++half)
+      tma_load_5d(sQ + half * kCapQ * 128, &tm_q, ring.q_full(), half * 64, qo.x, qo.y, qo.z, qkv_head);
+
+    const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
+    const int32_t* ids = p.indices + row_id * p.kmax;
+    int count = p.counts[row_id];
+    count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+    int n = 0;  // valid blocks issued so far
+    int id = count > 0 ? ids[0] : -1;
+    for (int i = 0; i < count; ++i) {
+      const int next = i + 1 < count ? ids[i + 1] : -1;  // fetched ahead: its latency hides behind a wait
+      if (static_cast<unsigned>(id) < static_cast<unsigned>(nk)) {
+        const int s = n % kStages;
+        const uint32_t free_parity = ((n / kStages) & 1) ^ 1;
+        const BoxOrigin ko = box_origin(p.geom_k, id);
+        mbar_wait(ring.empty_k(s), free_parity);
+        ring.ids[s] = id;  // published by the release semantics of the arrive below
+        mbar_arrive_expect_tx(ring.full_k(s), Tr::kTileBytes);
+#pragma unroll
+        for (int half = 0; half < Tr::kHalves; ++half)
+          tma_load_5d(sK + s * Tr::kTileBytes + half * kCapK * 128, &tm_k, ring.full_k(s), half * 64, ko.x, ko.y, ko.z,
+                      qkv_head);
+        mbar_wait(ring.empty_v(s), free_parity);
+        mbar_arrive_expect_tx(ring.full_v(s), Tr::kTileBytes);
+#pragma unroll
+        for (int half = 0; half < Tr::kHalves; ++half)
+          tma_load_5d(sV + s * Tr::kTileBytes + half * kCapK * 128, &tm_v, ring.full_v(s), half * 64, ko.x, ko.y, ko.z,
+                      qkv_head);
+        ++n;
+      }
+      id = next;
+    }
+    // End of the list: a K stage whose id is -1 (no bytes, a plain arrive completes the phase).
+    const int s = n % kStages;
+    mbar_wait(ring.empty_k(s), ((n / kStages) & 1) ^ 1);
+    ring.ids[s] = -1;
+    mbar_arrive(ring.full_k(s));
+    return;
+  }
+
+  // -------------------------------------------------------------- consumers
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int c = warpgroup - 1;
+  const int r = kRings == 2 ? c : 0;
+  const int row0 = kRings == 2 ? 0 : c * 64;  // this warpgroup's first row inside the query block
+  const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
+  if (qb >= nq) return;
+  Ring<kStages> ring{bars + r * (4 * kStages + 1), stage_ids + r * kStages};
+  unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
+  const uint32_t q_addr = smem_u32(sQ) + row0 * 128;
+  const uint32_t k_addr0 = smem_u32(smem + Tr::kOffK + r * kStages * Tr::kTileBytes);
+  const uint32_t v_addr0 = smem_u32(smem + Tr::kOffV + r * kStages * Tr::kTileBytes);
+
+  const int t = tid % 128, warp = t / 32, lane = t % 32;
+  const int g = lane / 4, quad = lane % 4;
+  const float scale_log2 = p.scale_log2;
+
+  float o[kHeadDim / 2];
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  float corr[2];
+  float s_acc[kCapK / 2];
+  uint32_t pf[kCapK / 16][4];
+
+  mbar_wait(ring.q_full(), 0);
+  mbar_wait(ring.full_k(0), 0);
+  int id = ring.ids[0];
+  if (id >= 0) {
+    // Block 0: scores, softmax, P.
+    issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_addr, k_addr0);
+    wgmma_wait<0>();
+    fence_registers(s_acc);
+    release(ring.empty_k(0), lane);
+    BlockOrigin ko = block_origin(p.geom_k, id);
+    if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+    online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
+    pack_p<kDType, kCapK>(pf, s_acc);
+
+    for (int n = 0;; ++n) {
+      const int s0 = n % kStages;
+      const uint32_t ph0 = (n / kStages) & 1;
+      const int s1 = (n + 1) % kStages;
+      const uint32_t ph1 = ((n + 1) / kStages) & 1;
+      mbar_wait(ring.full_k(s1), ph1);
+      const int id1 = ring.ids[s1];
+      const bool has_next = id1 >= 0;
+      if (has_next) issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_addr, k_addr0 + s1 * Tr::kTileBytes);
+      mbar_wait(ring.full_v(s0), ph0);
+      issue_pv<kDType, kHeadDim, kCapK>(o, pf, v_addr0 + s0 * Tr::kTileBytes);
+      if (has_next) {
+        // Softmax of block n+1 overlaps P_n V_n on the tensor cores; O is not touched until it lands.
+        wgmma_wait<1>();
+        fence_registers(s_acc);
+        release(ring.empty_k(s1), lane);
+        ko = block_origin(p.geom_k, id1);
+        if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+        online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
+      }
+      wgmma_wait<0>();
+      fence_registers(o);
+      fence_registers(pf);
+      release(ring.empty_v(s0), lane);
+      if (!has_next) break;
+      // The running max settles after a few blocks: skip the rescale when no row of the warp moved.
+      if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          o[4 * j + 0] *= corr[0];
+          o[4 * j + 1] *= corr[0];
+          o[4 * j + 2] *= corr[1];
+          o[4 * j + 3] *= corr[1];
+        }
+      }
+      pack_p<kDType, kCapK>(pf, s_acc);
+    }
+  }
+
+  // -------------------------------------------------------------- epilogue
+  // Normalised O goes into this warpgroup's own (no longer read) Q rows in the same swizzled
+  // layout the TMA load produced, then one TMA store per 64-column half writes the chunk.
+  float lse_row[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = row_sum[hr];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    lse_row[hr] = l > 0.f ? (row_max[hr] * scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    const int row = row0 + warp * 16 + g + 8 * hr;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const uint32_t packed = ElementOf<kDType>::pack(o[4 * j + 2 * hr] * inv, o[4 * j + 2 * hr + 1] * inv);
+      unsigned char* dst = sQ + (j / 8) * kCapQ * 128 + row * 128 + (((j % 8) ^ (row % 8)) << 4) + 4 * quad;
+      *reinterpret_cast<uint32_t*>(dst) = packed;
+    }
+  }
+  fence_proxy_async_smem();
+  named_barrier_sync(1 + r, 128 * Tr::kConsumersPerRing);
+  if (t == 0 && row0 == 0) {
+    const BoxOrigin qo = box_origin(p.geom_q, qb);
+#pragma unroll
+    for (int half = 0; half < Tr::kHalves; ++half)
+      tma_store_5d(&tm_out, sQ + half * kCapQ * 128, half * 64, qo.x, qo.y, qo.z, bh);
+    tma_store_commit_and_drain();
+  }
+  if (quad == 0) {
+    const BlockOrigin qo = block_origin(p.geom_q, qb);
+    float* lse_base = p.lse + static_cast<int64_t>(bh) * p.seq_q;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const RowCoord rc = q_rows[row0 + warp * 16 + g + 8 * hr];
+      if (qo.full || row_inside(qo, rc.packed)) lse_base[qo.token + rc.offset] = lse_row[hr];
+    }
+  }
+#endif
+}
+
+// ------------------------------------------------------------------ host side
+using TensorMapEncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                          const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
+                                          CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
+                                          CUtensorMapFloatOOBfill);
+
+// The driver's encoder, found through the runtime so that nothing links against libcuda.
+inline TensorMapEncodeTiled tensor_map_encoder() {
+  static const TensorMapEncodeTiled fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<TensorMapEncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<TensorMapEncodeTiled>(ptr);
+  }();
+  return fn;
+}
+
+// A THW-ordered [heads, T*H*W, head_dim] slab as the 5-D tensor (D, W, H, T, heads) whose box is
+// one chunk's 64-column half. False when TMA cannot express it (alignment, stride range).
+inline bool encode_chunk_map(CUtensorMap* map, const void* base, DType dtype, int head_dim, const Geometry& g,
+                             int64_t row_stride, int64_t head_stride, int64_t heads) {
+  const TensorMapEncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const int64_t row_bytes = row_stride * 2;
+  int64_t head_bytes = head_stride * 2;
+  if (heads == 1 || head_bytes == 0) {
+    // Only coordinate 0 is ever used: any legal stride will do.
+    head_bytes = ((static_cast<int64_t>(g.T) * g.H * g.W * row_bytes + 15) / 16) * 16;
+  }
+  const cuuint64_t dims[5] = {cuuint64_t(head_dim), cuuint64_t(g.W), cuuint64_t(g.H), cuuint64_t(g.T),
+                              cuuint64_t(heads)};
+  const cuuint64_t strides[4] = {cuuint64_t(row_bytes), cuuint64_t(row_bytes * g.W),
+                                 cuuint64_t(row_bytes * g.W * g.H), cuuint64_t(head_bytes)};
+  const cuuint32_t box[5] = {64, cuuint32_t(g.w), cuuint32_t(g.h), cuuint32_t(g.t), 1};
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  for (int i = 0; i < 4; ++i)
+    if (static_cast<int64_t>(strides[i]) <= 0 || strides[i] % 16 != 0 || strides[i] >= (1ull << 40)) return false;
+  for (int i = 1; i < 4; ++i)
+    if (box[i] > 256) return false;
+  if (heads >= (int64_t(1) << 31)) return false;
+  const CUresult res = encode(map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                              5, const_cast<void*>(base), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS;
+}
+
+struct QkvMaps {
+  CUtensorMap q, k, v;
+};
+
+}  // namespace sm90
+
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+cudaError_t run_forward_sm90(const ForwardParams& p, cudaStream_t stream, bool* launched) {
+  using Tr = sm90::ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>;
+  *launched = false;
+  auto kernel = sm90::forward_kernel<kDType, kHeadDim, kCapQ, kCapK>;
+  // Only sm_90a machine code runs this kernel (a build without 90a, or another GPU, falls back).
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.binaryVersion != 90) {
+    cudaGetLastError();
+    return cudaSuccess;
+  }
+  const int64_t B = p.batch, H = p.heads;
+  // Batch and head merge into the maps' last dimension when the batch stride is H head strides.
+  auto merges = [&](int64_t bs, int64_t hs) { return B == 1 || bs == H * hs; };
+  const bool merged = merges(p.q_batch_stride, p.q_head_stride) && merges(p.k_batch_stride, p.k_head_stride) &&
+                      merges(p.v_batch_stride, p.v_head_stride);
+  const int64_t launches = merged ? 1 : B;
+  const int64_t map_heads = merged ? B * H : H;
+  std::vector<sm90::QkvMaps> maps(static_cast<size_t>(launches));
+  using Element = typename ElementOf<kDType>::type;
+  for (int64_t b = 0; b < launches; ++b) {
+    const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
+    const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride;
+    const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride;
+    if (!sm90::encode_chunk_map(&maps[b].q, q, kDType, kHeadDim, p.geom_q, p.q_row_stride, p.q_head_stride, map_heads) ||
+        !sm90::encode_chunk_map(&maps[b].k, k, kDType, kHeadDim, p.geom_k, p.k_row_stride, p.k_head_stride, map_heads) ||
+        !sm90::encode_chunk_map(&maps[b].v, v, kDType, kHeadDim, p.geom_k, p.v_row_stride, p.v_head_stride, map_heads))
+      return cudaSuccess;
+  }
+  CUtensorMap out_map;
+  if (p.out_batch_stride != H * p.out_head_stride && B > 1) return cudaSuccess;
+  if (!sm90::encode_chunk_map(&out_map, p.out, kDType, kHeadDim, p.geom_q, p.out_row_stride, p.out_head_stride, B * H))
+    return cudaSuccess;
+
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int nq = p.geom_q.num_blocks();
+  // blockIdx.x (query blocks) runs fastest: the CTAs in flight work on one head at a time.
+  const dim3 grid((nq + Tr::kRings - 1) / Tr::kRings, static_cast<unsigned>(map_heads));
+  *launched = true;
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  for (int64_t b = 0; b < launches; ++b) {
+    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(maps[b].q, maps[b].k, maps[b].v, out_map, p,
+                                                           static_cast<int>(b * H), 0);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace bsa

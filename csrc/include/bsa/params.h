@@ -1,0 +1,94 @@
+// Plain parameter structs shared by the kernels and the binding: raw pointers and
+// element strides only, so that no kernel header ever includes a torch header.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace bsa {
+
+// The nine integers of ChunkGeometry.as_ints(): latent (T, H, W), chunk (t, h, w), grid.
+struct Geometry {
+  int T, H, W;
+  int t, h, w;
+  int Nt, Nh, Nw;
+
+  __host__ __device__ int num_blocks() const { return Nt * Nh * Nw; }
+  __host__ __device__ int capacity() const { return t * h * w; }
+};
+
+// Per-row position of a block-local row, independent of the block (one table per CTA).
+struct RowCoord {
+  int offset;  // dt*H*W + dh*W + dw: add the block origin to get the token
+  int packed;  // dt | dh << 10 | dw << 20, to test rows of partial edge blocks
+};
+
+__host__ __device__ inline RowCoord row_coord(const Geometry& g, int r) {
+  const int hw = g.h * g.w;
+  const int dt = r / hw, dh = (r / g.w) % g.h, dw = r % g.w;
+  return {(dt * g.H + dh) * g.W + dw, dt | (dh << 10) | (dw << 20)};
+}
+
+// Origin token and the number of valid coordinates left in each direction for block b.
+struct BlockOrigin {
+  int token;
+  int rem_t, rem_h, rem_w;  // rows with dt < rem_t && dh < rem_h && dw < rem_w are real
+  bool full;                // the whole block lies inside the latent
+};
+
+__host__ __device__ inline BlockOrigin block_origin(const Geometry& g, int b) {
+  const int it = b / (g.Nh * g.Nw), ih = (b / g.Nw) % g.Nh, iw = b % g.Nw;
+  BlockOrigin o;
+  o.token = ((it * g.t) * g.H + ih * g.h) * g.W + iw * g.w;
+  o.rem_t = g.T - it * g.t;
+  o.rem_h = g.H - ih * g.h;
+  o.rem_w = g.W - iw * g.w;
+  o.full = o.rem_t >= g.t && o.rem_h >= g.h && o.rem_w >= g.w;
+  return o;
+}
+
+__host__ __device__ inline bool row_inside(const BlockOrigin& o, int packed) {
+  return (packed & 1023) < o.rem_t && ((packed >> 10) & 1023) < o.rem_h && (packed >> 20) < o.rem_w;
+}
+
+// Block-sparse forward: out/lse for every query block from its listed key blocks.
+struct ForwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  const int32_t* indices;  // [B, H, Nq, kmax] contiguous
+  const int32_t* counts;   // [B, H, Nq] contiguous
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+  int batch, heads, seq_q, seq_k, kmax;
+  Geometry geom_q, geom_k;
+  float sm_scale;
+  float scale_log2;  // sm_scale * log2(e): softmax runs on exp2
+};
+
+// Selection: pooling into fp32 workspaces, block scores, then top-k / cdf per query block.
+struct SelectParams {
+  const void* q;
+  const void* k;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  float* q_pooled;  // [B, H, Nq, D]
+  float* k_pooled;  // [B, H, Nk, D]
+  float* scores;    // [B, H, Nq, Nk]
+  int32_t* indices;  // [B, H, Nq, width]
+  int32_t* counts;   // [B, H, Nq]
+  int batch, heads, head_dim;
+  Geometry geom_q, geom_k;
+  int topk;             // K of the top-k rule; 0 in pure cdf mode
+  float cdf_threshold;  // <= 0: no cdf rule
+  int width;            // Kmax, the last dim of indices
+};
+
+enum class DType { kFloat16, kBFloat16 };
+
+}  // namespace bsa

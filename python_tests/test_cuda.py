@@ -1,0 +1,256 @@
+"""The hand-written CUDA kernels (csrc/) against the fp64 reference (SPEC §2-3).
+
+Every test needs a GPU and the compiled ``bsa_ext/_cuda`` library; they skip cleanly
+otherwise (nothing here touches the GPU at import). Outputs are allocated inside the
+C++ binding, so "poisoning" fills torch's cached blocks of the same sizes with NaN /
+junk just before each call: an element the kernel forgets to write then fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+from bsa_ext import _library, reference
+from bsa_ext.layout import selection_width, topk_count
+
+from helpers import assert_close_rule, dense_attention, geom, make_qkv, random_blocks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not _library.has_cuda_kernel("cuda_forward"),
+        reason=f"no CUDA kernels: {_library.CUDA_LOAD_ERROR or 'no GPU'}",
+    ),
+]
+
+# (latent_q, chunk_q, latent_k, chunk_k): non-divisible latents, Sq != Sk, chunks differ.
+CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
+
+
+def _geoms(cap_q, cap_k):
+    return geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
+
+
+def _poison(*shapes_dtypes):
+    """Leave NaN (floats) or junk (ints) in the cached blocks the next allocations will reuse."""
+    junk = [torch.full(s, float("nan") if d.is_floating_point else -123457, dtype=d, device="cuda") for s, d in shapes_dtypes]
+    del junk
+
+
+def cuda_forward(q, k, v, indices, counts, gq, gk, sm_scale):
+    B, H, Sq, D = q.shape
+    _poison(((B, H, Sq, D), q.dtype), ((B, H, Sq), torch.float32))
+    return torch.ops.bsa.cuda_forward(q, k, v, indices, counts, gq.as_ints(), gk.as_ints(), sm_scale)
+
+
+def cuda_select(q, k, gq, gk, sparsity, cdf, max_blocks):
+    topk = topk_count(gk.num_blocks, sparsity) if sparsity is not None else 0
+    width = selection_width(gk.num_blocks, sparsity, cdf, max_blocks)
+    B, H = q.shape[:2]
+    _poison(((B, H, gq.num_blocks, width), torch.int32), ((B, H, gq.num_blocks), torch.int32))
+    return torch.ops.bsa.cuda_select_blocks(q, k, gq.as_ints(), gk.as_ints(), topk, -1.0 if cdf is None else cdf, width)
+
+
+def _check_forward(q, k, v, indices, counts, gq, gk, sm_scale):
+    out, lse = cuda_forward(q, k, v, indices, counts, gq, gk, sm_scale)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, indices, counts, gq, gk, sm_scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    mask = reference.dense_block_mask(indices, counts, gq, gk)
+    pt = dense_attention(q, k, v, mask, sm_scale, upcast=False)
+    assert_close_rule(out, ref_out, pt, "out")
+    assert not torch.isnan(lse).any()
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
+    if (~empty).any():
+        finite = ref_lse[~empty]
+        tol = 1e-5 * max(1.0, finite.abs().max().item())
+        assert (lse[~empty].double() - finite).abs().max().item() <= tol
+    return out, lse
+
+
+# ------------------------------------------------------------------ forward
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
+def test_forward_matches_reference(dtype, D, cap_q, cap_k, scale):
+    gq, gk = _geoms(cap_q, cap_k)
+    B, H = 2, 2
+    q, k, v = make_qkv(B, H, gq.seq_len, gk.seq_len, D, dtype, "cuda", scale=scale)
+    indices, counts = random_blocks(B, H, gq.num_blocks, gk.num_blocks, min(5, gk.num_blocks), "cuda")
+    _check_forward(q, k, v, indices, counts, gq, gk, D**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_strided_views_of_fused_qkv_and_custom_scale(dtype):
+    gq = gk = geom((6, 9, 11), (4, 4, 4))
+    q, k, v = make_qkv(2, 3, gq.seq_len, gk.seq_len, 128, dtype, "cuda", scale=4.0, fused=True)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 4, "cuda", min_count=1)
+    _check_forward(q, k, v, indices, counts, gq, gk, 0.05)
+
+
+def test_forward_zero_counts():
+    gq, gk = _geoms(64, 128)
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.bfloat16, "cuda")
+    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 3, "cuda", min_count=1)
+    counts[0, 0, ::2] = 0
+    counts[0, 1] = 0
+    out, lse = _check_forward(q, k, v, indices, counts, gq, gk, 0.125)
+    rows = gq.token_index("cuda")[0::2].flatten()
+    rows = rows[rows >= 0]
+    assert torch.all(out[0, 0, rows] == 0) and torch.all(lse[0, 0, rows] == -math.inf)
+    assert torch.all(out[0, 1] == 0) and torch.all(lse[0, 1] == -math.inf)
+
+
+@pytest.mark.parametrize("cap_k", [64, 128])
+def test_forward_garbage_ids_are_skipped(cap_k):
+    gq, gk = _geoms(64, cap_k)
+    nk = gk.num_blocks
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.float16, "cuda", scale=2.0)
+    pattern = torch.tensor([-5, 1, nk, 10**6, 0, -(2**31), 2**31 - 1, nk - 1], dtype=torch.int32, device="cuda")
+    indices = pattern.expand(1, 2, gq.num_blocks, pattern.numel()).contiguous()
+    counts = torch.randint(1, pattern.numel() + 1, (1, 2, gq.num_blocks), dtype=torch.int32, device="cuda")
+    counts[0, 0, 0] = 1  # only -5: no valid block at all
+    counts[0, 1, 1] = 10**6  # past Kmax: clamped to the row
+    counts[0, 1, 2] = -7  # negative: nothing
+    out, lse = cuda_forward(q, k, v, indices, counts, gq, gk, 0.125)
+    clamped = counts.clamp(0, pattern.numel())
+    ref_out, ref_lse = reference.attention_forward(q, k, v, indices, clamped, gq, gk, 0.125)
+    pt = dense_attention(q, k, v, reference.dense_block_mask(indices, clamped, gq, gk), 0.125, upcast=False)
+    assert_close_rule(out, ref_out, pt)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def test_forward_matches_triton_path():
+    from bsa_ext import triton as bsa_triton
+
+    if bsa_triton.AVAILABLE_REASON is not None:
+        pytest.skip(bsa_triton.AVAILABLE_REASON)
+    gq, gk = _geoms(64, 128)
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
+    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 4, "cuda", min_count=1)
+    out, lse = cuda_forward(q, k, v, indices, counts, gq, gk, 128**-0.5)
+    t_out, t_lse = bsa_triton.forward(q, k, v, indices, counts, gq, gk, 128**-0.5)
+    ref_out, _ = reference.attention_forward(q, k, v, indices, counts, gq, gk, 128**-0.5)
+    # Both backends obey the same bound against the fp64 truth.
+    pt = dense_attention(q, k, v, reference.dense_block_mask(indices, counts, gq, gk), 128**-0.5, upcast=False)
+    assert_close_rule(out, ref_out, pt, "cuda")
+    assert_close_rule(t_out, ref_out, pt, "triton")
+    torch.testing.assert_close(lse, t_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_forward_rejects_misaligned_rows():
+    gq = gk = geom((4, 4, 4), (4, 4, 4))
+    x = torch.randn(1, 1, 64, 130, device="cuda", dtype=torch.float16)[..., :128]  # row stride 130: not 16B
+    indices, counts = random_blocks(1, 1, 1, 1, 1, "cuda", min_count=1)
+    with pytest.raises(Exception, match="multiple of 8"):
+        torch.ops.bsa.cuda_forward(x, x, x, indices, counts, gq.as_ints(), gk.as_ints(), 0.1)
+
+
+# ------------------------------------------------------------------ selection
+def _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks):
+    indices, counts = cuda_select(q, k, gq, gk, sparsity, cdf, max_blocks)
+    ref_idx, ref_cnt = reference.select_blocks(q, k, gq, gk, sparsity, cdf, max_blocks)
+    width = selection_width(gk.num_blocks, sparsity, cdf, max_blocks)
+    assert indices.shape == (*q.shape[:2], gq.num_blocks, width) and indices.dtype == torch.int32
+    assert counts.shape == (*q.shape[:2], gq.num_blocks) and counts.dtype == torch.int32
+    if cdf is None:
+        assert torch.equal(counts, ref_cnt)
+    else:  # fp32 vs fp64 probabilities may move a count at the threshold by one
+        assert (counts.long() - ref_cnt.long()).abs().max().item() <= 1
+    assert counts.min().item() >= 1 and counts.max().item() <= width
+    scores = reference.block_scores(q, k, gq, gk)
+    tiny = 1e-4 * max(1.0, scores.abs().max().item())
+    c = counts.long()
+    live = torch.arange(width, device="cuda") < c[..., None]
+    # Entries past the count are -1; the chosen ones are distinct, in range, ascending.
+    assert torch.all(indices[~live] == -1)
+    chosen = torch.where(live, indices.long(), torch.full_like(indices.long(), -1))
+    assert torch.all(chosen[live] >= 0) and torch.all(chosen[live] < gk.num_blocks)
+    nxt = chosen[..., 1:]
+    assert torch.all((nxt > chosen[..., :-1]) | ~live[..., 1:]), "ids must be strictly ascending"
+    # Every chosen score is >= the count-th largest score (fp64), up to fp32 rounding.
+    sorted_scores = scores.sort(-1, descending=True).values
+    kth = sorted_scores.gather(-1, (c - 1).clamp(min=0)[..., None])
+    got = scores.gather(-1, chosen.clamp(min=0))
+    assert torch.all((got >= kth - tiny) | ~live)
+    # Index sets equal the reference wherever the count matches and no near-tie (beyond fp32
+    # rounding of pooled dot products) sits at the boundary.
+    nk = gk.num_blocks
+    gap = 1e-5 * max(1.0, scores.abs().max().item())
+    nxt_score = sorted_scores.gather(-1, c.clamp(max=nk - 1)[..., None])
+    clear = (c == ref_cnt.long()) & ((kth - nxt_score).squeeze(-1) > gap) | (c == nk)
+    ours = torch.zeros(*c.shape, nk + 1, dtype=torch.bool, device="cuda")
+    ours.scatter_(-1, torch.where(live, chosen, torch.full_like(chosen, nk)), True)
+    ref_live = torch.arange(ref_idx.shape[-1], device="cuda") < ref_cnt.long()[..., None]
+    theirs = torch.zeros_like(ours)
+    theirs.scatter_(-1, torch.where(ref_live, ref_idx.long(), torch.full_like(ref_idx.long(), nk)), True)
+    assert torch.equal(ours[clear][:, :nk], theirs[clear][:, :nk])
+    assert clear.float().mean().item() > 0.75
+    return indices, counts
+
+
+SELECT_GEOMS = [((5, 6, 9), (4, 4, 4), (8, 8, 12), (4, 4, 4)), ((3, 5, 7), (2, 2, 4), (4, 7, 9), (2, 4, 2))]
+MODES = [
+    (0.5, None, None), (0.9375, None, None), (0.0, None, None), (0.75, None, 2),
+    (None, 0.5, None), (None, 0.98, None), (0.875, 0.9, None), (None, 0.95, 2),
+]
+
+
+@pytest.mark.parametrize("geoms", SELECT_GEOMS)
+@pytest.mark.parametrize("sparsity,cdf,max_blocks", MODES)
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 64), (torch.bfloat16, 128)])
+def test_selection_matches_reference(geoms, sparsity, cdf, max_blocks, dtype, D):
+    gq, gk = geom(*geoms[:2]), geom(*geoms[2:])
+    q = torch.randn(2, 2, gq.seq_len, D, device="cuda").to(dtype)
+    k = (torch.randn(2, 2, gk.seq_len, D, device="cuda") * 3).to(dtype)
+    _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks)
+
+
+@pytest.mark.parametrize("sparsity,cdf", [(0.9375, None), (None, 0.9), (0.99, 0.5)])
+def test_selection_4096_key_blocks(sparsity, cdf):
+    gq = geom((8, 16, 16), (4, 4, 4))  # 32 query blocks
+    gk = geom((16, 64, 64), (4, 4, 4))  # 4096 key blocks
+    q, k, _ = make_qkv(1, 1, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
+    _check_selection(q, k, gq, gk, sparsity, cdf, None)
+
+
+def test_selection_strided_views_and_ties():
+    gq = gk = geom((5, 6, 9), (4, 4, 4))
+    q, k, _ = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.float16, "cuda", scale=4.0, fused=True)
+    _check_selection(q, k, gq, gk, 0.5, 0.9, None)
+    equal = torch.zeros_like(k)  # every block scores 0: the smallest ids win
+    indices, counts = cuda_select(q, equal, gq, gk, 0.5, None, None)
+    K = topk_count(gk.num_blocks, 0.5)
+    assert torch.all(counts == K)
+    assert torch.equal(indices, torch.arange(K, device="cuda", dtype=torch.int32).expand_as(indices))
+
+
+# ------------------------------------------------------------------ graphs
+def test_cuda_graph_capture_matches_eager():
+    gq = gk = geom((8, 20, 24), (4, 4, 4))
+    q, k, v = make_qkv(1, 4, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0, fused=True)
+    args = (gq.as_ints(), gk.as_ints())
+    K = topk_count(gk.num_blocks, 0.875)
+
+    def layer():
+        idx, cnt = torch.ops.bsa.cuda_select_blocks(q, k, *args, K, 0.9, gk.num_blocks)
+        out, lse = torch.ops.bsa.cuda_forward(q, k, v, idx, cnt, *args, 128**-0.5)
+        return idx, cnt, out, lse
+
+    eager = layer()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
