@@ -88,7 +88,7 @@ if skip_reason is None:
     ext_modules.append(
         CUDAExtension(
             "bsa_ext._cuda",
-            ["csrc/bindings_cuda.cpp"] + sorted(glob.glob("csrc/instantiations/*.cu")),
+            ["csrc/bindings_cuda.cpp"] + sorted(glob.glob("csrc/instantiations/*.cu")),  # one file per kernel
             include_dirs=[os.path.join(ROOT, "csrc", "include")],
             extra_compile_args={
                 "cxx": common_cxx,
@@ -100,8 +100,10 @@ if skip_reason is None:
     )
 
 # Recorded for `python -m bsa_ext info`; written before build_py copies the package.
+kernel_files = sorted(glob.glob("csrc/instantiations/*.cu")) if skip_reason is None else []
 build_info = {
     "cuda_built": skip_reason is None,
+    "cuda_kernels": [os.path.basename(f)[: -len(".cu")] for f in kernel_files],
     "cuda_skip_reason": skip_reason,
     "cuda_archs": archs if skip_reason is None else [],
     "cuda_version": torch.version.cuda,

@@ -26,6 +26,13 @@ def info() -> int:
     print(f"bsa_ext {__version__}  (torch {torch.__version__}, built against {build.get('built_with_torch', '?')})")
     if build.get("cuda_built"):
         print(f"CUDA kernels: built for sm_{', sm_'.join(build['cuda_archs'])} with CUDA {build.get('cuda_version')}")
+        families: dict = {}
+        for name in build.get("cuda_kernels", []):  # e.g. fwd_sm80_bf16_hdim128_q64_k64
+            parts = name.split("_")
+            cut = next((i for i, p in enumerate(parts) if p in ("fp16", "bf16")), len(parts))
+            families.setdefault("_".join(parts[:cut]), []).append("_".join(parts[cut:]))
+        for family, variants in families.items():
+            print(f"  {family}: {len(variants)} instantiations ({', '.join(sorted(variants))})")
     else:
         print(f"CUDA kernels: not built ({build.get('cuda_skip_reason')})")
     if _library.CUDA_LOAD_ERROR is not None and build.get("cuda_built"):
