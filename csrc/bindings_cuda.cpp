@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -65,6 +66,20 @@ cudaStream_t current_stream(int device) {
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
                   "bsa: could not get the current CUDA stream");
   return static_cast<cudaStream_t>(stream);
+}
+
+// The Hopper kernel family is tried on sm_90 devices unless env BSA_DISABLE_SM90 is set (read at
+// every call, so A/B tests can flip it); it declines itself when its machine code or TMA can't run.
+bool try_sm90(int device) {
+  if (bsa::kNumSm90Forward == 0) return false;
+  const char* off = std::getenv("BSA_DISABLE_SM90");
+  if (off != nullptr && off[0] != '\0' && std::string(off) != "0") return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9;
 }
 
 Tensor int_block_tensor(const Tensor& x, const char* name, std::vector<int64_t> shape, int device) {
@@ -120,7 +135,8 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   if (B * H * sq == 0) return {out, lse};
 
   cudaError_t err = cudaSuccess;
-  const bool found = bsa::dispatch_forward(dt, int(D), gq.capacity(), gk.capacity(), p, current_stream(device), &err);
+  const bool found =
+      bsa::dispatch_forward(dt, int(D), gq.capacity(), gk.capacity(), p, current_stream(device), &err, try_sm90(device));
   STD_TORCH_CHECK(found, "bsa cuda_forward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),
                   ", k=", gk.capacity(), "; compiled: ", bsa::kCompiledForward);
   STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_forward: launch failed: ", cudaGetErrorString(err),

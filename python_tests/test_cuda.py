@@ -229,6 +229,45 @@ def test_selection_strided_views_and_ties():
     assert torch.equal(indices, torch.arange(K, device="cuda", dtype=torch.int32).expand_as(indices))
 
 
+@pytest.mark.parametrize("nk", [1, 7, 256, 257, 768, 769, 1408, 1409, 2816, 2817, 4096, 4100])
+@pytest.mark.parametrize("sparsity,cdf", [(0.9375, None), (None, 0.9), (0.875, 0.98)])
+def test_selection_key_block_counts_across_kernel_variants(nk, sparsity, cdf):
+    # One row of blocks (chunk (1, 1, 4)) reaches every register-width variant and the wide fallback.
+    gq, gk = geom((2, 4, 12), (2, 2, 4)), geom((1, 1, 4 * nk - 1), (1, 1, 4))
+    # Peaked softmax in cdf modes: a near-uniform one over thousands of blocks moves fp32 counts by one.
+    scale = 4.0 if cdf is None else 16.0
+    q, k, _ = make_qkv(1, 4, gq.seq_len, gk.seq_len, 64, torch.float16, "cuda", scale=scale)
+    _check_selection(q, k, gq, gk, sparsity, cdf, None)
+
+
+@pytest.mark.parametrize("nk", [200, 1300, 2700])
+@pytest.mark.parametrize("sparsity,cdf", [(0.75, None), (0.99, None), (None, 0.5), (0.5, 0.9)])
+def test_selection_exact_ties_go_to_smaller_ids(nk, sparsity, cdf):
+    # Key blocks repeat three patterns, so scores tie exactly and selection must match the reference.
+    gq, gk = geom((4, 8, 8), (4, 4, 4)), geom((1, 1, 4 * nk), (1, 1, 4))
+    q = torch.randn(1, 2, gq.seq_len, 64, device="cuda").to(torch.float16)
+    patterns = torch.randn(1, 2, 3, 4, 64, device="cuda").to(torch.float16)
+    which = torch.randint(0, 3, (nk,), device="cuda")
+    k = patterns[:, :, which].reshape(1, 2, 4 * nk, 64)
+    indices, counts = cuda_select(q, k, gq, gk, sparsity, cdf, None)
+    ref_idx, ref_cnt = reference.select_blocks(q, k, gq, gk, sparsity, cdf, None)
+    if cdf is None:
+        assert torch.equal(counts, ref_cnt)
+    for row, (n, n_ref) in enumerate(zip(counts.flatten().tolist(), ref_cnt.flatten().tolist())):
+        if n == n_ref:
+            got = indices.view(-1, indices.shape[-1])[row, :n]
+            want = ref_idx.view(-1, ref_idx.shape[-1])[row, :n_ref].sort().values
+            assert torch.equal(got, want), f"row {row}"
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
+def test_selection_scaled_inputs_fused_layout(scale):
+    gq, gk = geom((9, 13, 20), (4, 4, 4)), geom((9, 13, 20), (4, 4, 8))
+    q, k, _ = make_qkv(1, 3, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=scale, fused=True)
+    _check_selection(q, k, gq, gk, 0.875, None, None)
+    _check_selection(q, k, gq, gk, 0.875, 0.98, None)
+
+
 # ------------------------------------------------------------------ graphs
 def test_cuda_graph_capture_matches_eager():
     gq = gk = geom((8, 20, 24), (4, 4, 4))

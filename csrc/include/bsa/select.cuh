@@ -1,9 +1,10 @@
 // Block selection (SPEC §2) in three launches, none of which synchronises with the host:
 //   1. pool_kernel: mean of the valid tokens of every q and k block, read in place from
 //      the THW tensors with 16-byte loads, fp32 sums, into [B, H, N, D] fp32 workspaces;
-//   2. score_kernel: s = q_pooled . k_pooled^T in fp32 (register-tiled SIMT GEMM);
-//   3. choose_kernel: one CTA per query block finds the cdf count and the exact top-k
-//      by bisection over order-preserving uint32 keys, ties to the smaller id.
+//   2. score_kernel: s = q_pooled . k_pooled^T, fp32-accurate on tensor cores (3xTF32);
+//   3. choose_warp_kernel (one warp per query block; short rows and cdf mode) or
+//      choose_kernel (one CTA per query block; long top-k rows) finds the cdf count and
+//      the exact top-k by bisection over order-preserving uint32 keys, ties to the smaller id.
 // Written order: the chosen ids in ASCENDING block id (consecutive K/V blocks are then
 // near each other in memory, which helps L2 in the forward); entries past the count are -1.
 #pragma once
@@ -86,84 +87,132 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const SelectParams p
   }
 }
 
-// 128x128 score tile per CTA, 8x8 per thread (rows/cols split in two halves of 64 so that a
-// warp's float4 reads of a smem row are contiguous). The head dim streams through two smem
-// buffers in slices of 16; the next slice is fetched into registers during the FMAs.
+// Scores on tensor cores with fp32 accuracy (3xTF32): each fp32 operand x is split into
+// big = tf32(x) and small = tf32(x - big); big*big + big*small + small*big keeps ~22 mantissa
+// bits per product, so selections agree with an fp32 SIMT dot product up to rounding.
+// 128x128 tile per CTA, 8 warps as 2 (query) x 4 (key), 64x32 per warp of m16n8k8 tiles.
+// The head dim streams through two cp.async stages of 16 floats.
 constexpr int kTile = 128;
 constexpr int kSlice = 16;
+constexpr int kSlicePitch = kSlice + 4;  // rows 20 floats apart: fragment loads are conflict-free
 constexpr int kScoreThreads = 256;
 
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// D (16x8 fp32) += A (16x8 tf32, row) * B (8x8 tf32, col).
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(x - __uint_as_float(big));
+}
+
 template <int kHeadDim>
-__global__ void __launch_bounds__(kScoreThreads) score_kernel(const SelectParams p) {
-  __shared__ __align__(16) float sa[2][kSlice][kTile + 4];  // [buffer][d][query block]
-  __shared__ __align__(16) float sb[2][kSlice][kTile + 4];  // [buffer][d][key block]
+__global__ void __launch_bounds__(kScoreThreads, 2) score_kernel(const SelectParams p) {
+  __shared__ __align__(16) float sa[2][kTile][kSlicePitch];  // [stage][query block][d]
+  __shared__ __align__(16) float sb[2][kTile][kSlicePitch];  // [stage][key block][d]
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
   const int bh = blockIdx.z;
   const int q0 = blockIdx.y * kTile, k0 = blockIdx.x * kTile;
   const float* qa = p.q_pooled + static_cast<int64_t>(bh) * nq * kHeadDim;
   const float* kb = p.k_pooled + static_cast<int64_t>(bh) * nk * kHeadDim;
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
 
-  // Each thread moves rows r and r+64, four floats at d offset dd, of both operands per slice.
-  const int r = tid / 4, dd = (tid % 4) * 4;
-  float4 va[2], vb[2];
-  auto fetch = [&](int d0) {
+  // Each thread copies 16 bytes of two rows of each operand per stage; rows past N read nothing.
+  auto load = [&](int stage, int d0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = r + 64 * h;
-      va[h] = vb[h] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (q0 + row < nq) va[h] = *reinterpret_cast<const float4*>(qa + static_cast<int64_t>(q0 + row) * kHeadDim + d0 + dd);
-      if (k0 + row < nk) vb[h] = *reinterpret_cast<const float4*>(kb + static_cast<int64_t>(k0 + row) * kHeadDim + d0 + dd);
+      const int row = tid / 4 + 64 * h, c = (tid % 4) * 4;
+      const int qi = min(q0 + row, nq - 1), kj = min(k0 + row, nk - 1);
+      cp_async_16(&sa[stage][row][c], qa + static_cast<int64_t>(qi) * kHeadDim + d0 + c, q0 + row < nq ? 16 : 0);
+      cp_async_16(&sb[stage][row][c], kb + static_cast<int64_t>(kj) * kHeadDim + d0 + c, k0 + row < nk ? 16 : 0);
     }
-  };
-  auto stash = [&](int buf) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = r + 64 * h;
-      sa[buf][dd][row] = va[h].x, sa[buf][dd + 1][row] = va[h].y, sa[buf][dd + 2][row] = va[h].z;
-      sa[buf][dd + 3][row] = va[h].w;
-      sb[buf][dd][row] = vb[h].x, sb[buf][dd + 1][row] = vb[h].y, sb[buf][dd + 2][row] = vb[h].z;
-      sb[buf][dd + 3][row] = vb[h].w;
-    }
+    cp_async_commit();
   };
 
-  float acc[8][8] = {};
-  fetch(0);
-  stash(0);
-  __syncthreads();
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
   constexpr int kSlices = kHeadDim / kSlice;
+  load(0, 0);
 #pragma unroll 1
   for (int sl = 0; sl < kSlices; ++sl) {
-    const int buf = sl & 1;
-    if (sl + 1 < kSlices) fetch((sl + 1) * kSlice);
-#pragma unroll
-    for (int d = 0; d < kSlice; ++d) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&sa[buf][d][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&sa[buf][d][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&sb[buf][d][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&sb[buf][d][64 + tx * 4]);
-      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float bw[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bw[j], acc[i][j]);
+    const int stage = sl & 1;
+    if (sl + 1 < kSlices) {
+      load(stage ^ 1, (sl + 1) * kSlice);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-    // The other buffer was last read before the previous barrier, so it can be refilled now.
-    if (sl + 1 < kSlices) stash(buf ^ 1);
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kSlice; ks += 8) {
+      uint32_t a_big[4][4], a_small[4][4], b_big[4][2], b_small[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        const int r = wm * 64 + mt * 16 + g;
+        split_tf32(sa[stage][r][ks + t], a_big[mt][0], a_small[mt][0]);
+        split_tf32(sa[stage][r + 8][ks + t], a_big[mt][1], a_small[mt][1]);
+        split_tf32(sa[stage][r][ks + t + 4], a_big[mt][2], a_small[mt][2]);
+        split_tf32(sa[stage][r + 8][ks + t + 4], a_big[mt][3], a_small[mt][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int n = wn * 32 + nt * 8 + g;
+        split_tf32(sb[stage][n][ks + t], b_big[nt][0], b_small[nt][0]);
+        split_tf32(sb[stage][n][ks + t + 4], b_big[nt][1], b_small[nt][1]);
+      }
+      // Small cross terms first: they are added before the big product swamps them.
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          mma_1688_tf32(acc[mt][nt], a_small[mt], b_big[nt]);
+          mma_1688_tf32(acc[mt][nt], a_big[mt], b_small[nt]);
+          mma_1688_tf32(acc[mt][nt], a_big[mt], b_big[nt]);
+        }
+    }
+    // The stage just read is refilled by the next iteration's load, issued after this barrier.
     __syncthreads();
   }
+
   float* out = p.scores + static_cast<int64_t>(bh) * nq * nk;
+  const bool pairs = (nk % 2) == 0;  // float2 stores stay 8-byte aligned only for even rows
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int qi = q0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
-    if (qi >= nq) continue;
+  for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int kj = k0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
-      if (kj < nk) out[static_cast<int64_t>(qi) * nk + kj] = acc[i][j];
+    for (int hr = 0; hr < 2; ++hr) {
+      const int qi = q0 + wm * 64 + mt * 16 + g + 8 * hr;
+      if (qi >= nq) continue;
+      float* orow = out + static_cast<int64_t>(qi) * nk;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int kj = k0 + wn * 32 + nt * 8 + 2 * t;
+        const float x = acc[mt][nt][2 * hr], y = acc[mt][nt][2 * hr + 1];
+        if (pairs && kj + 1 < nk) {
+          *reinterpret_cast<float2*>(orow + kj) = make_float2(x, y);
+        } else {
+          if (kj < nk) orow[kj] = x;
+          if (kj + 1 < nk) orow[kj + 1] = y;
+        }
+      }
     }
-  }
 }
 
 constexpr int kChooseThreads = 256;
@@ -348,6 +397,155 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const SelectPara
   if (tid == 0) p.counts[row] = count;
 }
 
+
+// One warp per query block, the row's keys in registers (lane l holds ids l, l+32, ...): no
+// block barriers, and the bisections stop as soon as the answer is pinned down instead of
+// walking all 32 bits. Needs Nk <= 32 * kPerLane; run_select picks where it is used.
+constexpr int kWarpChooseThreads = 128;
+constexpr int kWarpChooseWarps = kWarpChooseThreads / 32;
+
+// Warp sum in a fixed butterfly: every lane gets the same bits, so decisions stay uniform.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+  return v;
+}
+
+template <int kPerLane>
+__device__ __forceinline__ int count_at_least(const uint32_t (&key)[kPerLane], uint32_t x) {
+  int c = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) c += key[i] >= x;
+  return __reduce_add_sync(0xffffffff, c);
+}
+
+template <int kPerLane>
+__global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const SelectParams p, float coef) {
+  extern __shared__ float mass_rows[];  // cdf only: [warp][kPerLane * 32] unnormalised p_j
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpChooseWarps + warp;
+  if (row >= static_cast<int64_t>(p.batch) * p.heads * nq) return;  // whole warps leave together
+  const float* s = p.scores + row * nk;
+
+  // Key 0 is below every real key (order_key maps -inf to 0x007fffff), so padding never counts.
+  uint32_t key[kPerLane];
+  uint32_t kmax = 0, kmin = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int j = i * 32 + lane;
+    key[i] = j < nk ? order_key(__ldcs(s + j)) : 0u;
+    if (j < nk) kmax = max(kmax, key[i]), kmin = min(kmin, key[i]);
+  }
+  kmax = __reduce_max_sync(0xffffffff, kmax);
+  kmin = __reduce_min_sync(0xffffffff, kmin);
+  // Bits above the highest one where max and min differ are shared by every key of the row.
+  const uint32_t diff = kmax ^ kmin;
+  const int top = diff == 0 ? -1 : 31 - __clz(diff);
+  const uint32_t prefix = top < 0 ? kmin : top == 31 ? 0u : (kmin & ~((2u << top) - 1u));
+
+  int count = p.topk;
+  if (p.cdf_threshold > 0.f) {
+    float* mass = mass_rows + warp * kPerLane * 32;
+    const float smax = key_value(kmax);
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int j = i * 32 + lane;
+      const float e = j < nk ? exp2f((key_value(key[i]) - smax) * coef) : 0.f;
+      mass[i * 32 + lane] = e;
+      part += e;
+    }
+    const float total = warp_sum(part);
+    const float target = p.cdf_threshold * total;
+    int n_cdf = nk;
+    if (total >= target) {
+      // Largest key x with mass(key >= x) >= target, bit by bit; [lo, upper) always holds x,
+      // with c_lo keys at or above lo and c_hi at or above upper. One key left: it is x.
+      uint32_t lo = prefix;
+      int c_lo = nk, c_hi = 0;
+      for (int bit = top; bit >= 0 && c_lo - c_hi > 1; --bit) {
+        const uint32_t cand = lo | (1u << bit);
+        float m = 0.f;
+        int c = 0;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+          if (key[i] >= cand) m += mass[i * 32 + lane], ++c;
+        m = warp_sum(m);
+        c = __reduce_add_sync(0xffffffff, c);
+        if (m >= target) lo = cand, c_lo = c;
+        else c_hi = c;
+      }
+      if (c_lo - c_hi == 1) {
+        n_cdf = c_hi + 1;
+      } else {
+        // Equal scores at x (lo is x here) carry equal mass: add them one at a time.
+        float above = 0.f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+          if (key[i] > lo) above += mass[i * 32 + lane];
+        above = warp_sum(above);
+        const float px = exp2f((key_value(lo) - smax) * coef);
+        n_cdf = c_hi;
+        float acc = above;
+        do {
+          ++n_cdf;
+          acc += px;
+        } while (acc < target && n_cdf < c_lo);
+      }
+    }
+    count = max(count, n_cdf);
+  }
+  count = max(min(min(count, p.width), nk), 0);
+
+  int32_t* out = p.indices + row * p.width;
+  if (count > 0) {
+    // Largest x with count(key >= x) >= count. Stop once exactly `count` keys are >= lo; else
+    // all bits are resolved, lo is the count-th key and ties at it go to the smallest ids.
+    uint32_t lo = prefix;
+    int c_lo = nk;
+    for (int bit = top; bit >= 0 && c_lo != count; --bit) {
+      const uint32_t cand = lo | (1u << bit);
+      const int c = count_at_least(key, cand);
+      if (c >= count) lo = cand, c_lo = c;
+    }
+    const bool exact = c_lo == count;
+    const int n_gt = exact ? count : (lo == 0xffffffffu ? 0 : count_at_least(key, lo + 1));
+    const int need_eq = count - n_gt;
+    const uint32_t lt_mask = (1u << lane) - 1u;
+    int written = 0, eq_seen = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (written == count) break;  // warp-uniform
+      const int j = i * 32 + lane;
+      const bool valid = j < nk;
+      const bool sure = valid && (exact ? key[i] >= lo : key[i] > lo);
+      const bool tie = valid && !exact && key[i] == lo;
+      const uint32_t ties = __ballot_sync(0xffffffff, tie);
+      const bool take = sure || (tie && eq_seen + __popc(ties & lt_mask) < need_eq);
+      eq_seen += __popc(ties);
+      const uint32_t taken = __ballot_sync(0xffffffff, take);
+      if (take) out[written + __popc(taken & lt_mask)] = j;
+      written += __popc(taken);
+    }
+  }
+  for (int j = count + lane; j < p.width; j += 32) out[j] = -1;
+  if (lane == 0) p.counts[row] = count;
+}
+
+template <int kPerLane>
+cudaError_t launch_choose_warp(const SelectParams& p, int rows, cudaStream_t stream) {
+  const int smem = p.cdf_threshold > 0.f ? kWarpChooseWarps * kPerLane * 32 * static_cast<int>(sizeof(float)) : 0;
+  auto kernel = choose_warp_kernel<kPerLane>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  const float coef = rsqrtf(static_cast<float>(p.head_dim)) * 1.4426950408889634f;
+  kernel<<<(rows + kWarpChooseWarps - 1) / kWarpChooseWarps, kWarpChooseThreads, smem, stream>>>(p, coef);
+  return cudaGetLastError();
+}
+
 }  // namespace sel
 
 template <DType kDType, int kHeadDim>
@@ -361,6 +559,15 @@ cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
   sel::score_kernel<kHeadDim><<<score_grid, sel::kScoreThreads, 0, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  const int rows = bh * nq;
+  // Measured on H100: the warp chooser wins for short rows and for cdf at any width (the CTA
+  // chooser re-evaluates exp per bisection step), but loses on long top-k rows (low occupancy).
+  const bool cdf = p.cdf_threshold > 0.f;
+  if (nk <= 256) return sel::launch_choose_warp<8>(p, rows, stream);
+  if (nk <= 768) return sel::launch_choose_warp<24>(p, rows, stream);
+  if (cdf && nk <= 1408) return sel::launch_choose_warp<44>(p, rows, stream);
+  if (cdf && nk <= 2816) return sel::launch_choose_warp<88>(p, rows, stream);
+  if (cdf && nk <= 4096) return sel::launch_choose_warp<128>(p, rows, stream);
   const int smem = nk * static_cast<int>(sizeof(uint32_t));
   auto choose = sel::choose_kernel<kHeadDim>;
   if (smem > 48 * 1024) {

@@ -1,0 +1,200 @@
+"""The Hopper (sm_90a) forward kernel against the fp64 reference and the sm80 kernel.
+
+On an sm_90 GPU ``torch.ops.bsa.cuda_forward`` runs the wgmma/TMA kernel; env
+``BSA_DISABLE_SM90=1`` (read at every call) forces the sm80 kernel, which gives the A/B
+comparisons here. Marked ``sm90``: conftest skips these without an sm_90 GPU.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from bsa_ext import _library, reference
+
+from helpers import assert_close_rule, dense_attention, geom, make_qkv, random_blocks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.sm90,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not _library.has_cuda_kernel("cuda_forward"),
+        reason=f"no CUDA kernels: {_library.CUDA_LOAD_ERROR or 'no GPU'}",
+    ),
+]
+
+CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
+
+
+def _poison(*shapes_dtypes):
+    """Leave NaN in the cached blocks the binding's next allocations will reuse."""
+    junk = [torch.full(s, float("nan"), dtype=d, device="cuda") for s, d in shapes_dtypes]
+    del junk
+
+
+def _forward(q, k, v, indices, counts, gq, gk, sm_scale, sm90=True):
+    B, H, Sq, D = q.shape
+    old = os.environ.pop("BSA_DISABLE_SM90", None)
+    if not sm90:
+        os.environ["BSA_DISABLE_SM90"] = "1"
+    try:
+        _poison(((B, H, Sq, D), q.dtype), ((B, H, Sq), torch.float32))
+        return torch.ops.bsa.cuda_forward(q, k, v, indices, counts, gq.as_ints(), gk.as_ints(), sm_scale)
+    finally:
+        os.environ.pop("BSA_DISABLE_SM90", None)
+        if old is not None:
+            os.environ["BSA_DISABLE_SM90"] = old
+
+
+def _check(q, k, v, indices, counts, gq, gk, sm_scale):
+    """sm90 output vs fp64 truth (tolerance rule) and vs the sm80 kernel; returns (out, lse)."""
+    out, lse = _forward(q, k, v, indices, counts, gq, gk, sm_scale)
+    torch.cuda.synchronize()
+    clamped = counts.clamp(0, indices.shape[-1])
+    ref_out, ref_lse = reference.attention_forward(q, k, v, indices, clamped, gq, gk, sm_scale)
+    mask = reference.dense_block_mask(indices, clamped, gq, gk)
+    pt = dense_attention(q, k, v, mask, sm_scale, upcast=False)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    assert_close_rule(out, ref_out, pt, "sm90 out")
+    assert not torch.isnan(lse).any(), "sm90 lse: NaN (unwritten or invalid)"
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
+    if (~empty).any():
+        finite = ref_lse[~empty]
+        tol = 1e-5 * max(1.0, finite.abs().max().item())
+        assert (lse[~empty].double() - finite).abs().max().item() <= tol
+    out80, lse80 = _forward(q, k, v, indices, counts, gq, gk, sm_scale, sm90=False)
+    assert_close_rule(out80, ref_out, pt, "sm80 out")
+    # Both kernels sit within the same bound of the truth, hence within twice it of each other.
+    bound = 2 * (pt.double() - ref_out).abs().max().item() + 1e-5 * max(1.0, ref_out.abs().max().item())
+    assert (out.double() - out80.double()).abs().max().item() <= 2 * bound
+    torch.testing.assert_close(lse, lse80, rtol=1e-5, atol=1e-4)
+    return out, lse
+
+
+# (latent_q, latent_k): partial edge chunks in every direction, Sq != Sk, odd query-block counts.
+LATENTS = [((5, 9, 10), (6, 7, 13)), ((4, 9, 12), (9, 5, 7))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
+def test_sm90_matches_reference_and_sm80(dtype, D, cap_q, cap_k, scale):
+    lq, lk = LATENTS[int(scale) % 2]
+    gq, gk = geom(lq, CAP_CHUNKS[cap_q]), geom(lk, CAP_CHUNKS[cap_k])
+    B, H = 2, 2
+    q, k, v = make_qkv(B, H, gq.seq_len, gk.seq_len, D, dtype, "cuda", scale=scale)
+    # Up to every key block: the K/V rings wrap around several times.
+    indices, counts = random_blocks(B, H, gq.num_blocks, gk.num_blocks, gk.num_blocks, "cuda")
+    _check(q, k, v, indices, counts, gq, gk, D**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cap", [64, 128])
+def test_sm90_strided_views_of_fused_qkv(dtype, cap):
+    # Batch stride != heads * head stride: one tensor map (and launch) per batch element.
+    gq = gk = geom((6, 9, 11), CAP_CHUNKS[cap])
+    q, k, v = make_qkv(2, 3, gq.seq_len, gk.seq_len, 128, dtype, "cuda", scale=4.0, fused=True)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 6, "cuda", min_count=1)
+    _check(q, k, v, indices, counts, gq, gk, 0.05)
+
+
+def test_sm90_single_head_and_batch():
+    gq, gk = geom((8, 12, 20), (4, 4, 4)), geom((8, 12, 20), (4, 4, 8))
+    q, k, v = make_qkv(1, 1, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0)
+    indices, counts = random_blocks(1, 1, gq.num_blocks, gk.num_blocks, 9, "cuda", min_count=1)
+    _check(q, k, v, indices, counts, gq, gk, 128**-0.5)
+
+
+@pytest.mark.parametrize("cap_q", [64, 128])
+def test_sm90_zero_counts(cap_q):
+    gq, gk = geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), (4, 4, 8))
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.bfloat16, "cuda")
+    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 3, "cuda", min_count=1)
+    counts[0, 0, ::2] = 0
+    counts[0, 1] = 0
+    out, lse = _check(q, k, v, indices, counts, gq, gk, 0.125)
+    rows = gq.token_index("cuda")[0::2].flatten()
+    rows = rows[rows >= 0]
+    assert torch.all(out[0, 0, rows] == 0) and torch.all(lse[0, 0, rows] == -math.inf)
+    assert torch.all(out[0, 1] == 0) and torch.all(lse[0, 1] == -math.inf)
+
+
+@pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
+def test_sm90_garbage_ids_are_skipped(cap_q, cap_k):
+    gq, gk = geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
+    nk = gk.num_blocks
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.float16, "cuda", scale=2.0)
+    pattern = torch.tensor([-5, 1, nk, 10**6, 0, -(2**31), 2**31 - 1, nk - 1], dtype=torch.int32, device="cuda")
+    indices = pattern.expand(1, 2, gq.num_blocks, pattern.numel()).contiguous()
+    counts = torch.randint(1, pattern.numel() + 1, (1, 2, gq.num_blocks), dtype=torch.int32, device="cuda")
+    counts[0, 0, 0] = 1  # only -5: no valid block at all
+    counts[0, 1, 1] = 10**6  # past Kmax: clamped to the row
+    counts[0, 1, 2] = -7  # negative: nothing
+    _check(q, k, v, indices, counts, gq, gk, 0.125)
+
+
+@pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128)])
+def test_sm90_shared_key_blocks_of_neighbouring_queries(cap_q, cap_k):
+    # A CTA merges the lists of query blocks 2i and 2i+1 and loads a shared key block once:
+    # sorted lists (as selection writes them) with identical, overlapping and disjoint rows.
+    gq, gk = geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
+    nq, nk = gq.num_blocks, gk.num_blocks
+    indices, counts = random_blocks(1, 2, nq, nk, min(8, nk), "cuda", min_count=1)
+    indices = indices.sort(-1).values.contiguous()
+    indices[0, 0, 1::2] = indices[0, 0, 0::2]  # identical neighbours
+    indices[0, 1, 1::4] = torch.arange(nk - 8, nk, dtype=torch.int32, device="cuda")  # disjoint tails
+    counts[0, 0, 1::2] = counts[0, 0, 0::2]
+    counts[0, 1, 3::4] = 0  # a neighbour with nothing
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
+    _check(q, k, v, indices, counts, gq, gk, 128**-0.5)
+
+
+def test_sm90_many_heads_long_lists():
+    # Enough CTAs to fill the GPU several times, lists longer than any ring.
+    gq = gk = geom((8, 20, 24), (4, 4, 4))
+    q, k, v = make_qkv(1, 8, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
+    indices, counts = random_blocks(1, 8, gq.num_blocks, gk.num_blocks, 40, "cuda", min_count=20)
+    out, lse = _forward(q, k, v, indices, counts, gq, gk, 128**-0.5)
+    out80, lse80 = _forward(q, k, v, indices, counts, gq, gk, 128**-0.5, sm90=False)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), out80.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, lse80, rtol=1e-5, atol=1e-4)
+
+
+def test_sm90_kernel_is_the_one_that_runs():
+    gq = gk = geom((4, 8, 8), (4, 4, 4))
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda")
+    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 2, "cuda", min_count=1)
+
+    def kernel_names(sm90):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _forward(q, k, v, indices, counts, gq, gk, 0.1, sm90=sm90)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "forward" in e.name]
+
+    assert any("sm90" in n for n in kernel_names(True)), kernel_names(True)
+    assert not any("sm90" in n for n in kernel_names(False))
+
+
+def test_sm90_cuda_graph_capture_matches_eager():
+    gq = gk = geom((8, 20, 24), (4, 4, 4))
+    q, k, v = make_qkv(1, 4, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0, fused=True)
+    indices, counts = random_blocks(1, 4, gq.num_blocks, gk.num_blocks, 12, "cuda", min_count=1)
+    args = (indices, counts, gq.as_ints(), gk.as_ints(), 128**-0.5)
+    eager = torch.ops.bsa.cuda_forward(q, k, v, *args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.bsa.cuda_forward(q, k, v, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.bsa.cuda_forward(q, k, v, *args)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
