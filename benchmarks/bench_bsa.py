@@ -128,16 +128,20 @@ def bench_workload(w, impls, rows, meta):
 
 
 def print_table(rows, densities):
-    dense = {(r["workload"], r["op"], r["impl"]): r["ms"] for r in rows if r["impl"] in DENSE_IMPLS}
-    print(f"\n{'workload':12s}{'op':10s}{'impl':13s}{'ms':>9s}{'TFLOP/s':>9s}{'x cuDNN':>9s}{'x flash':>9s}{'MiB':>9s}")
+    """Ratios compare like with like: forward and total (select + forward) rows with dense
+    forward, fwd_bwd with dense fwd_bwd (no dense backward alone is timed), and every bsa
+    row with the Triton row of the same workload and op."""
+    ms = {(r["workload"], r["op"], r["impl"]): r["ms"] for r in rows}
+    print(f"\n{'workload':12s}{'op':10s}{'impl':13s}{'ms':>9s}{'TFLOP/s':>9s}{'x cuDNN':>9s}{'x flash':>9s}{'x triton':>9s}{'MiB':>9s}")
     for r in rows:
-        dense_op = "fwd_bwd" if r["op"] in ("fwd_bwd", "backward") else "forward"
-        ratios = []
-        for d in DENSE_IMPLS:
-            ref = dense.get((r["workload"], dense_op, d))
-            ratios.append(f"{ref / r['ms']:9.2f}" if ref and r["impl"] not in DENSE_IMPLS and r["op"] != "select" else f"{'':9s}")
+        dense_op = "forward" if r["op"] == "total" else r["op"]
+        refs = [ms.get((r["workload"], dense_op, d)) for d in DENSE_IMPLS] + [ms.get((r["workload"], r["op"], "triton"))]
+        cells = []
+        for i, ref in enumerate(refs):
+            comparable = r["impl"] not in DENSE_IMPLS and (i < len(DENSE_IMPLS) or r["impl"] != "triton")
+            cells.append(f"{ref / r['ms']:9.2f}" if ref and comparable else f"{'':9s}")
         tf = f"{r['tflops']:9.1f}" if r["tflops"] is not None else f"{'':9s}"
-        print(f"{r['workload']:12s}{r['op']:10s}{r['impl']:13s}{r['ms']:9.3f}{tf}{''.join(ratios)}{r['peak_extra_mib']:9.0f}")
+        print(f"{r['workload']:12s}{r['op']:10s}{r['impl']:13s}{r['ms']:9.3f}{tf}{''.join(cells)}{r['peak_extra_mib']:9.0f}")
     for name, d in densities.items():
         print(f"{name}: selected density {d:.4f}")
 

@@ -4,18 +4,24 @@ what was expected and what came."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 
-from .capabilities import KERNEL_CAPACITIES
+from .capabilities import CAPABILITIES, KERNEL_CAPACITIES
+
+# Every dtype some backend runs; which backend takes which is the capability table's business.
+SUPPORTED_DTYPES = tuple(sorted({d for c in CAPABILITIES.values() for d in c.dtypes}, key=str))
 from .layout import ChunkGeometry, as_shape3
 
 
 def _shape3(name: str, value) -> tuple:
     try:
+        if any(not isinstance(x, numbers.Integral) or isinstance(x, bool) for x in value):
+            raise TypeError
         shape = as_shape3(value)
-    except (TypeError, ValueError):
+    except TypeError:
         raise ValueError(f"{name}: expected three positive integers (T, H, W), got {value!r}") from None
     if len(shape) != 3 or any(x <= 0 for x in shape):
         raise ValueError(f"{name}: expected three positive integers, got {tuple(value)!r}")
@@ -51,8 +57,9 @@ def qkv(q, k, v=None) -> None:
         _is_tensor(name, x)
         if x.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise TypeError(f"{name}: expected one of the dtypes [{names}], got {x.dtype}")
     B, H, _, D = q.shape
     for name, x in named[1:]:
         if (x.shape[0], x.shape[1], x.shape[3]) != (B, H, D):
@@ -77,7 +84,7 @@ def selection_params(sparsity: Optional[float], cdf_threshold: Optional[float], 
         raise ValueError(f"sparsity: expected a value in [0, 1), got {sparsity!r}")
     if cdf_threshold is not None and not (0.0 < cdf_threshold <= 1.0):
         raise ValueError(f"cdf_threshold: expected a value in (0, 1], got {cdf_threshold!r}")
-    if max_blocks is not None and (isinstance(max_blocks, bool) or int(max_blocks) != max_blocks or max_blocks < 1):
+    if max_blocks is not None and (not isinstance(max_blocks, numbers.Integral) or isinstance(max_blocks, bool) or max_blocks < 1):
         raise ValueError(f"max_blocks: expected a positive integer or None, got {max_blocks!r}")
 
 
@@ -95,6 +102,24 @@ def block_lists(indices, counts, q: torch.Tensor, geom_q: ChunkGeometry) -> None
     if tuple(counts.shape) != (B, H, nq):
         raise ValueError(f"counts: expected shape [B={B}, H={H}, Nq={nq}], got {tuple(counts.shape)}")
     for name, x in (("indices", indices), ("counts", counts)):
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {x.device}")
+
+
+def saved_outputs(dout, out, lse, q) -> None:
+    """The backward's forward results: ``dout``/``out`` like q, ``lse`` fp32 ``[B, H, Sq]``."""
+    for name, x in (("dout", dout), ("out", out)):
+        _is_tensor(name, x)
+        if x.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {x.dtype}")
+    _is_tensor("lse", lse)
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse: expected shape {tuple(q.shape[:3])} ([B, H, Sq]), got {tuple(lse.shape)}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse: expected dtype torch.float32, got {lse.dtype}")
+    for name, x in (("dout", dout), ("out", out), ("lse", lse)):
         if x.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (the device of q), got {x.device}")
 

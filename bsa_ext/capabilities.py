@@ -85,8 +85,25 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device, expl
             return f"this build has no CUDA kernel for {op} yet"
         if device.type != "cuda":
             return f"CUDA kernels need CUDA tensors, got {device.type} tensors"
-        return None
+        return _arch_not_built_reason(device, _library.build_info().get("cuda_archs", []))
     raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def _arch_not_built_reason(device: torch.device, archs: List[str]) -> Optional[str]:
+    """None when the build holds machine code this GPU runs (no PTX is embedded).
+
+    SASS for sm_XY runs on sm_XZ with Z >= Y; an arch-specific target (90a) only on itself.
+    """
+    if not archs:  # no build record (e.g. a library copied by hand): nothing to judge by
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    for arch in archs:
+        digits = arch.rstrip("af")
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        exact = arch != digits
+        if a_major == major and (a_minor == minor if exact else a_minor <= minor):
+            return None
+    return f"this build has no machine code for sm_{major}{minor} (built for {', '.join('sm_' + a for a in archs)}; rebuild with BSA_CUDA_ARCHS)"
 
 
 def _fmt(values) -> str:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _validate
-from .ops import BackendUnavailableError, resolve_backend
+from .ops import BackendUnavailableError, _geometries, resolve_backend
 
 Shape = Sequence[int]
 
@@ -30,6 +30,9 @@ def select_blocks(
     Returns ``indices int32 [B, H, Nq, Kmax]`` and ``counts int32 [B, H, Nq]``; only the
     first ``counts[b, h, i]`` entries of a row are meaningful. No host synchronisation.
     """
+    _validate.qkv(q, k)
+    _geometries(q, k, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
+    _validate.selection_params(sparsity, cdf_threshold, max_blocks)
     return torch.ops.bsa.select_blocks(
         q, k, list(latent_shape_q), list(latent_shape_k), list(chunk_3d_shape_q), list(chunk_3d_shape_k),
         sparsity, cdf_threshold, max_blocks, backend,
@@ -60,8 +63,9 @@ def block_sparse_attention(
     """
     _validate.qkv(q, k, v)
     scale = _validate.sm_scale(sm_scale, q.shape[-1])
+    geom_q, geom_k = _geometries(q, k, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
     if validate:
-        geom_k = _validate.geometry("latent_shape_k", latent_shape_k, "chunk_3d_shape_k", chunk_3d_shape_k, k.shape[2], "k")
+        _validate.block_lists(indices, counts, q, geom_q)
         _validate.check_block_values(indices, counts, geom_k.num_blocks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         _check_backward_supported(q, k, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k, backend)
@@ -74,8 +78,7 @@ def block_sparse_attention(
 
 def _check_backward_supported(q, k, latent_q, latent_k, chunk_q, chunk_k, backend):
     """An explicit backend must also run the backward before the forward starts."""
-    geom_q = _validate.geometry("latent_shape_q", latent_q, "chunk_3d_shape_q", chunk_q, q.shape[2], "q")
-    geom_k = _validate.geometry("latent_shape_k", latent_k, "chunk_3d_shape_k", chunk_k, k.shape[2], "k")
+    geom_q, geom_k = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     try:
         resolve_backend(backend, "backward", q, geom_q, geom_k)
     except BackendUnavailableError as exc:

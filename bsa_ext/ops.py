@@ -100,6 +100,7 @@ def _forward_impl(q, k, v, indices, counts, latent_q, latent_k, chunk_q, chunk_k
     _validate.qkv(q, k, v)
     gq, gk = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     _validate.block_lists(indices, counts, q, gq)
+    _validate.sm_scale(sm_scale, q.shape[-1])
     name = resolve_backend(backend, "forward", q, gq, gk)
     _record("forward", name)
     if name == "cuda":
@@ -122,10 +123,12 @@ def _backward_impl(dout, q, k, v, out, lse, indices, counts, latent_q, latent_k,
     _validate.qkv(q, k, v)
     gq, gk = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     _validate.block_lists(indices, counts, q, gq)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout/out: expected the shape of q {tuple(q.shape)}, got {tuple(dout.shape)} / {tuple(out.shape)}")
+    _validate.saved_outputs(dout, out, lse, q)
+    _validate.sm_scale(sm_scale, q.shape[-1])
     name = resolve_backend(backend, "backward", q, gq, gk)
     _record("backward", name)
+    # Kernels index lse as a dense [B, H, Sq] array and need a unit stride on dout's head dim.
+    lse = lse.contiguous()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if name == "cuda":

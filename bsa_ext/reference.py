@@ -6,6 +6,10 @@ blocks (so its cost follows the sparse FLOPs, and it also serves as the ``torch`
 backend); ``python_tests/test_reference.py`` checks it against dense attention with
 an explicit token mask, an independent formulation.
 
+SPEC §2 states pooling and scores in fp32; the reference ranks with fp64 scores, which
+can differ from fp32 kernels only on near-ties (in the last fp32 bits) and on cdf sums
+within rounding of the threshold: kernel tests compare index sets with that allowance.
+
 Conventions shared with every backend:
 * ids outside ``[0, Nk)`` within ``counts`` are skipped; a block listed twice counts
   twice (``validate=True`` in the Python API reports both);

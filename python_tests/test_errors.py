@@ -33,6 +33,8 @@ def call(q, k, v, **kw):
     (dict(sparsity=None, cdf_threshold=0.0), ValueError, r"cdf_threshold: expected a value in \(0, 1\], got 0.0"),
     (dict(sparsity=None, cdf_threshold=1.5), ValueError, r"cdf_threshold"),
     (dict(max_blocks=0), ValueError, r"max_blocks: expected a positive integer"),
+    (dict(max_blocks=2.0), ValueError, r"max_blocks: expected a positive integer or None, got 2.0"),
+    (dict(latent_shape_q=(4.5, 8, 8)), ValueError, r"latent_shape_q: expected three positive integers"),
     (dict(backend="fast"), ValueError, r"backend: expected one of 'auto', 'cuda', 'triton', 'torch'; got 'fast'"),
 ])
 def test_bad_arguments(kw, exc, pattern):
@@ -50,8 +52,11 @@ def test_shape_dtype_device_stride_errors():
         call(q[0], k, v)
     with pytest.raises(TypeError, match=r"k: expected dtype torch.float32 \(the dtype of q\), got torch.float16"):
         call(q, k.half(), v)
-    with pytest.raises(TypeError, match=r"q: expected a floating-point dtype"):
+    with pytest.raises(TypeError, match=r"q: expected one of the dtypes \[.*float16.*\], got torch.int32"):
         call(q.int(), k.int(), v.int())
+    f8 = torch.float8_e4m3fn
+    with pytest.raises(TypeError, match=r"q: expected one of the dtypes .* got torch.float8_e4m3fn"):
+        call(q.to(f8), k.to(f8), v.to(f8))
     with pytest.raises(ValueError, match=r"q: expected stride\(-1\) == 1"):
         call(torch.randn(1, 2, 16, S).transpose(-1, -2), k, v)
     with pytest.raises(ValueError, match=r"expected device"):
@@ -101,3 +106,34 @@ def test_block_list_errors_and_validate():
         attn(idx, cnt * 2, validate=True)
     with pytest.raises(ValueError, match=r"sm_scale: expected a positive finite float"):
         attn(idx, cnt, sm_scale=float("nan"))
+
+
+def test_validate_checks_shapes_before_values():
+    q, k, v = qkv()
+    g = bsa_ext.ChunkGeometry(LAT, CH)
+    idx = torch.zeros(1, 2, g.num_blocks, 2, dtype=torch.int32)
+    cnt = torch.ones(1, 2, g.num_blocks, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"indices: expected shape"):
+        bsa_ext.block_sparse_attention(q, k, v, idx[:, :, :2], cnt, LAT, LAT, CH, CH, validate=True)
+
+
+def test_ops_check_their_own_arguments():
+    """The registered ops are public too: the same checks hold when they are called directly."""
+    q, k, v = qkv()
+    g = bsa_ext.ChunkGeometry(LAT, CH)
+    idx = torch.zeros(1, 2, g.num_blocks, 2, dtype=torch.int32)
+    cnt = torch.ones(1, 2, g.num_blocks, dtype=torch.int32)
+    geo = [list(LAT), list(LAT), list(CH), list(CH)]
+    with pytest.raises(ValueError, match=r"sm_scale: expected a positive finite float"):
+        torch.ops.bsa.forward(q, k, v, idx, cnt, *geo, float("nan"), "torch")
+    out, lse = torch.ops.bsa.forward(q, k, v, idx, cnt, *geo, 0.25, "torch")
+    dout = torch.randn_like(out)
+    bwd = lambda o, l, d=dout: torch.ops.bsa.backward(d, q, k, v, o, l, idx, cnt, *geo, 0.25, "torch")  # noqa: E731
+    with pytest.raises(ValueError, match=r"lse: expected shape \(1, 2, 256\) \(\[B, H, Sq\]\), got \(1, 2, 3\)"):
+        bwd(out, lse[:, :, :3])
+    with pytest.raises(TypeError, match=r"lse: expected dtype torch.float32, got torch.float64"):
+        bwd(out, lse.double())
+    with pytest.raises(TypeError, match=r"out: expected dtype torch.float32 \(the dtype of q\), got torch.float16"):
+        bwd(out.half(), lse)
+    with pytest.raises(ValueError, match=r"dout: expected the shape of q"):
+        bwd(out, lse, dout[:, :1])

@@ -101,3 +101,18 @@ def test_opcheck_cuda(backend):
         ran.append(op)
     if not ran:
         pytest.skip(f"backend {backend} runs neither op on this machine")
+
+
+@pytest.mark.parametrize("cc,archs,runs", [
+    ((8, 0), ["80", "90a"], True), ((8, 6), ["80"], True), ((9, 0), ["90a"], True),
+    ((8, 0), ["90a"], False), ((10, 0), ["80", "90a"], False), ((9, 0), ["80"], False),
+])
+def test_cuda_backend_needs_machine_code_for_the_gpu(cc, archs, runs, monkeypatch):
+    """No PTX is embedded, so "auto" must not pick CUDA kernels the GPU cannot run."""
+    from bsa_ext.capabilities import _arch_not_built_reason
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    reason = _arch_not_built_reason(torch.device("cuda"), archs)
+    assert (reason is None) == runs
+    if not runs:
+        assert f"sm_{cc[0]}{cc[1]}" in reason and "BSA_CUDA_ARCHS" in reason
