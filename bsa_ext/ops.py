@@ -113,9 +113,19 @@ def _forward_impl(q, k, v, indices, counts, latent_q, latent_k, chunk_q, chunk_k
     return out.to(q.dtype), lse.to(torch.float32)
 
 
+def _out_and_lse_like(q):
+    """What every forward returns: contiguous ``out`` like q and fp32 ``lse [B, H, Sq]``."""
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _grads_like(q, k, v):
+    """What every backward returns: contiguous ``dq, dk, dv`` like q, k, v."""
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
 def _forward_fake(q, k, v, indices, counts, latent_q, latent_k, chunk_q, chunk_k, sm_scale, backend):
     _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _out_and_lse_like(q)
 
 
 # ---------------------------------------------------------------- backward
@@ -145,8 +155,7 @@ def _backward_impl(dout, q, k, v, out, lse, indices, counts, latent_q, latent_k,
 
 def _backward_fake(dout, q, k, v, out, lse, indices, counts, latent_q, latent_k, chunk_q, chunk_k, sm_scale, backend):
     _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
-    like = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
-    return like(q), like(k), like(v)
+    return _grads_like(q, k, v)
 
 
 # ---------------------------------------------------------------- autograd
@@ -181,8 +190,8 @@ torch.library.register_fake("bsa::backward")(_backward_fake)
 torch.library.register_autograd("bsa::forward", _autograd_backward, setup_context=_setup_context)
 
 
-def _fake_like_cuda_forward(q, k, v, indices, counts, geom_q, geom_k, sm_scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _fake_cuda_forward(q, k, v, indices, counts, geom_q, geom_k, sm_scale):
+    return _out_and_lse_like(q)
 
 
 def _fake_cuda_select(q, k, geom_q, geom_k, topk, cdf_threshold, width):
@@ -192,10 +201,9 @@ def _fake_cuda_select(q, k, geom_q, geom_k, topk, cdf_threshold, width):
 
 
 def _fake_cuda_backward(dout, q, k, v, out, lse, indices, counts, geom_q, geom_k, sm_scale):
-    like = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)  # noqa: E731
-    return like(q), like(k), like(v)
+    return _grads_like(q, k, v)
 
 
-torch.library.register_fake("bsa::cuda_forward")(_fake_like_cuda_forward)
+torch.library.register_fake("bsa::cuda_forward")(_fake_cuda_forward)
 torch.library.register_fake("bsa::cuda_select_blocks")(_fake_cuda_select)
 torch.library.register_fake("bsa::cuda_backward")(_fake_cuda_backward)

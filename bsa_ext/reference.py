@@ -109,6 +109,19 @@ def _gather_rows(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return xd[torch.where(tok >= 0, tok, torch.full_like(tok, x.shape[0]))]
 
 
+def _slab_softmax(qs, ks, kt, scale):
+    """Unnormalised probabilities of a slab: ``p [n, cq, L]``, row max ``m`` and sum ``l``.
+
+    Masked keys (``kt < 0``) get probability 0; a row with no live key keeps ``l = 0``.
+    """
+    s = (qs @ ks.transpose(-1, -2)) * scale
+    s = s.masked_fill((kt < 0)[:, None, :], -math.inf)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    return p, m, p.sum(-1, keepdim=True)
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,12 +152,7 @@ def attention_forward(
                 qs = _gather_rows(q[b, h], rows)  # [n, cq, D]
                 ks = _gather_rows(k[b, h], kt)  # [n, L, D]
                 vs = _gather_rows(v[b, h], kt)
-                s = (qs @ ks.transpose(-1, -2)) * scale
-                s = s.masked_fill((kt < 0)[:, None, :], -math.inf)
-                m = s.amax(-1, keepdim=True)
-                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                p = torch.exp(s - m)
-                l = p.sum(-1, keepdim=True)
+                p, m, l = _slab_softmax(qs, ks, kt, scale)
                 o = (p @ vs) / torch.where(l > 0, l, torch.ones_like(l))
                 row_lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
                 valid = rows >= 0
@@ -181,12 +189,7 @@ def attention_backward(
                 rows, kt = qtok[s0:s1], keys[s0:s1]
                 qs, dos = _gather_rows(q[b, h], rows), _gather_rows(dout[b, h], rows)
                 ks, vs = _gather_rows(k[b, h], kt), _gather_rows(v[b, h], kt)
-                s = (qs @ ks.transpose(-1, -2)) * scale
-                s = s.masked_fill((kt < 0)[:, None, :], -math.inf)
-                m = s.amax(-1, keepdim=True)
-                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                p = torch.exp(s - m)
-                l = p.sum(-1, keepdim=True)
+                p, _, l = _slab_softmax(qs, ks, kt, scale)
                 p = p / torch.where(l > 0, l, torch.ones_like(l))
                 dp = dos @ vs.transpose(-1, -2)
                 ds = p * (dp - (p * dp).sum(-1, keepdim=True))
