@@ -11,6 +11,7 @@ to <out-dir>/<gpu>.jsonl (default benchmarks/results).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="W720s,W720,W720s-c128,W720s-cdf,T16-train")
     parser.add_argument("--impls", default=",".join(BSA_IMPLS + DENSE_IMPLS))
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--backward", action="store_true", help="also time backward / fwd_bwd on every workload")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_bsa: needs a CUDA GPU (the numbers are meaningless on a CPU)", file=sys.stderr)
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
     impls = args.impls.split(",")
     rows, densities = [], {}
     for name in args.workloads.split(","):
-        densities[name] = bench_workload(WORKLOADS[name], impls, rows, meta)
+        w = WORKLOADS[name]
+        densities[name] = bench_workload(dataclasses.replace(w, backward=True) if args.backward else w, impls, rows, meta)
         torch.cuda.empty_cache()
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", gpu) + ".jsonl")

@@ -28,6 +28,7 @@ class Capability:
     capacities: Optional[Tuple[int, ...]]  # chunk capacity t*h*w; None: any
     min_compute_capability: Optional[Tuple[int, int]] = None
     max_key_blocks: Optional[int] = None
+    max_query_blocks: Optional[int] = None
 
 
 # Chunk capacities the public API accepts (SPEC §1). The reference could take any, but
@@ -43,7 +44,9 @@ CAPABILITIES: Dict[Tuple[str, str], Capability] = {
     for c in [
         Capability("cuda", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), 4096),
         Capability("cuda", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
-        Capability("cuda", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        # The inverse index of the CUDA backward sorts each key block's list with one shared-memory
+        # counter per query block (csrc/include/bsa/api.h: kInvertMaxQueryBlocks).
+        Capability("cuda", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), max_query_blocks=48 * 1024),
         Capability("triton", "select", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
         Capability("triton", "forward", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
         Capability("triton", "backward", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
@@ -119,6 +122,7 @@ def not_supported_reasons(
     capacities: Tuple[int, ...],
     num_key_blocks: int,
     explicit: bool = True,
+    num_query_blocks: int = 0,
 ) -> List[str]:
     """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
     reason = backend_unavailable_reason(backend, op, device, explicit)
@@ -138,6 +142,8 @@ def not_supported_reasons(
                 reasons.append(f"chunk capacity {c} not in [{_fmt(cap.capacities)}]")
     if cap.max_key_blocks is not None and num_key_blocks > cap.max_key_blocks:
         reasons.append(f"{num_key_blocks} key blocks > {cap.max_key_blocks}")
+    if cap.max_query_blocks is not None and num_query_blocks > cap.max_query_blocks:
+        reasons.append(f"{num_query_blocks} query blocks > {cap.max_query_blocks}")
     if cap.min_compute_capability is not None and device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
         if cc < cap.min_compute_capability:

@@ -49,13 +49,16 @@ def info() -> int:
         for op in OPS:
             reason = backend_unavailable_reason(backend, op, device, explicit=False)
             cap = CAPABILITIES[(backend, op)]
-            what = ", ".join(
-                [
-                    "/".join(str(d).replace("torch.", "") for d in cap.dtypes),
-                    "head dims " + ("any" if cap.head_dims is None else "/".join(map(str, cap.head_dims))),
-                    "chunk capacities " + ("any" if cap.capacities is None else "/".join(map(str, cap.capacities))),
-                ]
-            )
+            limits = [
+                "/".join(str(d).replace("torch.", "") for d in cap.dtypes),
+                "head dims " + ("any" if cap.head_dims is None else "/".join(map(str, cap.head_dims))),
+                "chunk capacities " + ("any" if cap.capacities is None else "/".join(map(str, cap.capacities))),
+            ]
+            if cap.max_key_blocks is not None:
+                limits.append(f"<= {cap.max_key_blocks} key blocks")
+            if cap.max_query_blocks is not None:
+                limits.append(f"<= {cap.max_query_blocks} query blocks")
+            what = ", ".join(limits)
             state = "available" if reason is None else f"unavailable: {reason}"
             print(f"  {backend:7s} {op:9s} {state}\n  {'':17s}{what}")
     return 0

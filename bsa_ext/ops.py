@@ -39,13 +39,13 @@ def resolve_backend(requested: str, op: str, x: torch.Tensor, geom_q: ChunkGeome
     requested = _validate.backend_name(requested, os.environ.get("BSA_BACKEND"))
     args = (op, x.device, x.dtype, x.shape[-1], (geom_q.capacity, geom_k.capacity), geom_k.num_blocks)
     if requested != "auto":
-        reasons = not_supported_reasons(requested, *args)
+        reasons = not_supported_reasons(requested, *args, num_query_blocks=geom_q.num_blocks)
         if reasons:
             raise BackendUnavailableError(f"backend {requested!r} cannot run bsa {op}: {'; '.join(reasons)}")
         return requested
     tried: List[str] = []
     for name in BACKENDS:
-        reasons = not_supported_reasons(name, *args, explicit=False)
+        reasons = not_supported_reasons(name, *args, explicit=False, num_query_blocks=geom_q.num_blocks)
         if not reasons:
             return name
         tried.append(f"{name}: {'; '.join(reasons)}")

@@ -1,5 +1,5 @@
-// CUDA implementations of the private kernel ops bsa::cuda_select_blocks and
-// bsa::cuda_forward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
+// CUDA implementations of the private kernel ops bsa::cuda_select_blocks, bsa::cuda_forward
+// and bsa::cuda_backward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
 // the kernels assume, allocates outputs through torch, fills the params structs of
 // csrc/include/bsa/params.h and launches on the current stream. No host synchronisation.
 #ifndef USE_CUDA
@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -144,6 +145,95 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   return {out, lse};
 }
 
+std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                                 Tensor indices, Tensor counts, std::vector<int64_t> geom_q,
+                                                 std::vector<int64_t> geom_k, double sm_scale) {
+  const bsa::Geometry gq = to_geometry(geom_q, "geom_q"), gk = to_geometry(geom_k, "geom_k");
+  const int device = q.get_device_index();
+  const int64_t sq = int64_t(gq.T) * gq.H * gq.W, sk = int64_t(gk.T) * gk.H * gk.W;
+  STD_TORCH_CHECK(sm_scale > 0 && std::isfinite(sm_scale), "sm_scale must be positive and finite, got ", sm_scale);
+  check_qkv(q, "q", sq, device);
+  check_qkv(k, "k", sk, device);
+  check_qkv(v, "v", sk, device);
+  check_qkv(out, "out", sq, device);
+  check_qkv(dout, "dout", sq, device);
+  const bsa::DType dt = to_dtype(q, "q");
+  for (const Tensor* x : {&k, &v, &out, &dout})
+    STD_TORCH_CHECK(x->scalar_type() == q.scalar_type(), "k, v, out, dout: dtype differs from q");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  for (const Tensor* x : {&k, &v, &out, &dout})
+    STD_TORCH_CHECK(x->size(0) == B && x->size(1) == H && x->size(3) == D,
+                    "k, v, out, dout: batch/heads/head_dim differ from q");
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  STD_TORCH_CHECK(lse.is_cuda() && lse.get_device_index() == device && lse.scalar_type() == ScalarType::Float &&
+                      lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == sq,
+                  "lse: expected float32 [B, H, Sq] on the device of q");
+  lse = lse.is_contiguous() ? lse : torch::stable::contiguous(lse);
+  const int nq = gq.num_blocks(), nk = gk.num_blocks();
+  indices = int_block_tensor(indices, "indices", {B, H, nq, -1}, device);
+  counts = int_block_tensor(counts, "counts", {B, H, nq}, device);
+  const int64_t kmax = indices.size(3);
+  STD_TORCH_CHECK(nq <= bsa::kInvertMaxQueryBlocks, "bsa cuda_backward: ", nq, " query blocks exceed the ",
+                  bsa::kInvertMaxQueryBlocks, " that the inverse index sorts in shared memory");
+  STD_TORCH_CHECK(int64_t(nq) * kmax < (int64_t(1) << 31), "bsa cuda_backward: Nq * Kmax must be < 2^31");
+
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor dq = torch::stable::new_empty(q, {B, H, sq, D});
+  Tensor dk = torch::stable::new_empty(q, {B, H, sk, D});
+  Tensor dv = torch::stable::new_empty(q, {B, H, sk, D});
+  if (B * H == 0) return {dq, dk, dv};
+  // Workspaces: delta rows, then the inverse index (fixed capacity: Nq * Kmax entries per row).
+  Tensor delta = torch::stable::new_empty(q, {B, H, sq}, ScalarType::Float);
+  Tensor degree = torch::stable::new_empty(q, {B * H, nk}, ScalarType::Int);
+  Tensor qoffsets = torch::stable::new_empty(q, {B * H, nk + 1}, ScalarType::Int);
+  Tensor qlist = torch::stable::new_empty(q, {B * H, std::max<int64_t>(1, nq * kmax)}, ScalarType::Int);
+  const cudaStream_t stream = current_stream(device);
+
+  bsa::InvertParams ip{};
+  ip.indices = static_cast<const int32_t*>(indices.data_ptr());
+  ip.counts = static_cast<const int32_t*>(counts.data_ptr());
+  ip.degree = static_cast<int32_t*>(degree.data_ptr());
+  ip.qoffsets = static_cast<int32_t*>(qoffsets.data_ptr());
+  ip.qlist = static_cast<int32_t*>(qlist.data_ptr());
+  ip.rows = int(B * H), ip.nq = nq, ip.nk = nk, ip.kmax = int(kmax);
+  cudaError_t err = bsa::run_invert(ip, stream);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_backward: inverse index launch failed: ", cudaGetErrorString(err));
+
+  bsa::BackwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.lse = static_cast<const float*>(lse.data_ptr());
+  p.delta = static_cast<float*>(delta.data_ptr());
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.indices = ip.indices;
+  p.counts = ip.counts;
+  p.qlist = ip.qlist;
+  p.qoffsets = ip.qoffsets;
+  p.q_batch_stride = stride_or_zero(q, 0), p.q_head_stride = stride_or_zero(q, 1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = stride_or_zero(k, 0), p.k_head_stride = stride_or_zero(k, 1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = stride_or_zero(v, 0), p.v_head_stride = stride_or_zero(v, 1), p.v_row_stride = v.stride(2);
+  p.out_batch_stride = stride_or_zero(out, 0), p.out_head_stride = stride_or_zero(out, 1);
+  p.out_row_stride = out.stride(2);
+  p.dout_batch_stride = stride_or_zero(dout, 0), p.dout_head_stride = stride_or_zero(dout, 1);
+  p.dout_row_stride = dout.stride(2);
+  p.batch = int(B), p.heads = int(H), p.seq_q = int(sq), p.seq_k = int(sk), p.kmax = int(kmax);
+  p.geom_q = gq, p.geom_k = gk;
+  p.sm_scale = float(sm_scale);
+  p.scale_log2 = float(sm_scale * 1.4426950408889634);
+
+  const bool found = bsa::dispatch_backward(dt, int(D), gq.capacity(), gk.capacity(), p, stream, &err);
+  STD_TORCH_CHECK(found, "bsa cuda_backward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),
+                  ", k=", gk.capacity(), "; compiled: ", bsa::kCompiledForward);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_backward: launch failed: ", cudaGetErrorString(err), " (needs ",
+                  bsa::backward_dkdv_smem_bytes(int(D), gq.capacity(), gk.capacity()), " bytes of shared memory)");
+  return {dq, dk, dv};
+}
+
 std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<int64_t> geom_q,
                                               std::vector<int64_t> geom_k, int64_t topk, double cdf_threshold,
                                               int64_t width) {
@@ -200,4 +290,5 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
 STABLE_TORCH_LIBRARY_IMPL(bsa, CUDA, m) {
   m.impl("cuda_forward", TORCH_BOX(&cuda_forward));
   m.impl("cuda_select_blocks", TORCH_BOX(&cuda_select_blocks));
+  m.impl("cuda_backward", TORCH_BOX(&cuda_backward));
 }

@@ -28,11 +28,20 @@ FAMILIES = {
     "fwd_sm80": ("bsa/fwd_sm80.cuh", "run_forward", "cudaStream_t"),
     "fwd_sm90": ("bsa/fwd_sm90.cuh", "run_forward_sm90", "cudaStream_t, bool*"),
 }
+# Backward kernel families (runs on sm_80 and newer), same table shape as the forward.
+BACKWARD_FAMILIES = {
+    "bwd_sm80": ("bsa/bwd_sm80.cuh", "run_backward", "cudaStream_t"),
+}
 
 # (family, dtype, head_dim, cap_q, cap_k); selection does not depend on capacities.
 FORWARD = [
     (family, dt, d, cq, ck)
     for family in FAMILIES
+    for dt, d, cq, ck in itertools.product(DTYPES, HEAD_DIMS, CAPACITIES, CAPACITIES)
+]
+BACKWARD = [
+    (family, dt, d, cq, ck)
+    for family in BACKWARD_FAMILIES
     for dt, d, cq, ck in itertools.product(DTYPES, HEAD_DIMS, CAPACITIES, CAPACITIES)
 ]
 SELECT = [("select", dt, d) for dt, d in itertools.product(DTYPES, HEAD_DIMS)]
@@ -51,16 +60,19 @@ def _write(name: str, text: str) -> None:
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     wanted = set()
-    for family, dt, d, cq, ck in FORWARD:
+    for family, dt, d, cq, ck in FORWARD + BACKWARD:
         name = f"{family}_{dt}_hdim{d}_q{cq}_k{ck}.cu"
         wanted.add(name)
-        header, launcher, tail = FAMILIES[family]
+        header, launcher, tail = {**FAMILIES, **BACKWARD_FAMILIES}[family]
+        params = "BackwardParams" if family in BACKWARD_FAMILIES else "ForwardParams"
         _write(
             name,
             HEADER + f'#include "{header}"\n\n'
             f"template cudaError_t bsa::{launcher}<bsa::DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(\n"
-            f"    const bsa::ForwardParams&, {tail});\n",
+            f"    const bsa::{params}&, {tail});\n",
         )
+    wanted.add("invert.cu")
+    _write("invert.cu", HEADER + '#include "bsa/invert.cuh"\n')
     for family, dt, d in SELECT:
         name = f"{family}_{dt}_hdim{d}.cu"
         wanted.add(name)
@@ -96,6 +108,17 @@ def main() -> None:
         lines.append(
             f"  if (dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) "
             f"{{ *err = run_forward<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s); return true; }}\n"
+        )
+    lines.append("  return false;\n}\n\n")
+    lines.append("// Launches the backward instantiation for these runtime values; false if none was compiled.\n")
+    lines.append(
+        "inline bool dispatch_backward(DType dt, int d, int cq, int ck, const BackwardParams& p, cudaStream_t s, "
+        "cudaError_t* err) {\n"
+    )
+    for family, dt, d, cq, ck in BACKWARD:
+        lines.append(
+            f"  if (dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) "
+            f"{{ *err = run_backward<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s); return true; }}\n"
         )
     lines.append("  return false;\n}\n\n")
     lines.append("inline bool dispatch_select(DType dt, int d, const SelectParams& p, cudaStream_t s, cudaError_t* err) {\n")

@@ -52,8 +52,21 @@ def dense_attention(q, k, v, mask, sm_scale=None, upcast=True):
     return p @ v
 
 
+def low_precision_attention(q, k, v, indices, counts, gq, gk, sm_scale=None, dout=None):
+    """The ``pt`` of the tolerance rule for block-sparse attention: dense masked attention
+    computed in the inputs' dtype; with ``dout``, its gradients ``(dq, dk, dv)`` instead."""
+    mask = reference.dense_block_mask(indices, counts, gq, gk)
+    if dout is None:
+        return dense_attention(q, k, v, mask, sm_scale, upcast=False)
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = dense_attention(q, k, v, mask, sm_scale, upcast=False)
+    return torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+
+
 def geom(latent, chunk):
     return ChunkGeometry(tuple(latent), tuple(chunk))
 
 
-__all__ = ["assert_close_rule", "make_qkv", "random_blocks", "dense_attention", "geom", "reference"]
+__all__ = [
+    "assert_close_rule", "make_qkv", "random_blocks", "dense_attention", "low_precision_attention", "geom", "reference",
+]

@@ -19,7 +19,7 @@ from bsa_ext import reference  # noqa: E402
 from bsa_ext.layout import selection_width, topk_count  # noqa: E402
 from bsa_ext import triton as bsa_triton  # noqa: E402
 
-from helpers import assert_close_rule, dense_attention, geom, make_qkv, random_blocks  # noqa: E402
+from helpers import assert_close_rule, geom, low_precision_attention, make_qkv, random_blocks  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -55,22 +55,12 @@ def _geoms(name):
     return geom(lq, cq), geom(lk, ck)
 
 
-def _low_precision(q, k, v, indices, counts, gq, gk, sm_scale, dout=None):
-    """The ``pt`` of the tolerance rule: dense masked attention computed in the inputs' dtype."""
-    mask = reference.dense_block_mask(indices, counts, gq, gk)
-    if dout is None:
-        return dense_attention(q, k, v, mask, sm_scale, upcast=False)
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = dense_attention(q, k, v, mask, sm_scale, upcast=False)
-    return torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
-
-
 def _check_forward(q, k, v, indices, counts, gq, gk, sm_scale):
     out, lse = bsa_triton.forward(q, k, v, indices, counts, gq, gk, sm_scale)
     ref_out, ref_lse = reference.attention_forward(q, k, v, indices, counts, gq, gk, sm_scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    pt = _low_precision(q, k, v, indices, counts, gq, gk, sm_scale)
+    pt = low_precision_attention(q, k, v, indices, counts, gq, gk, sm_scale)
     assert_close_rule(out, ref_out, pt, "out")
     assert not torch.isnan(lse).any()
     empty = torch.isinf(ref_lse)
@@ -87,7 +77,7 @@ def _check_backward(q, k, v, indices, counts, gq, gk, sm_scale):
     dout = torch.randn_like(out)
     grads = bsa_triton.backward(dout, q, k, v, out, lse, indices, counts, gq, gk, sm_scale)
     refs = reference.attention_backward(dout, q, k, v, indices, counts, gq, gk, sm_scale)
-    pts = _low_precision(q, k, v, indices, counts, gq, gk, sm_scale, dout)
+    pts = low_precision_attention(q, k, v, indices, counts, gq, gk, sm_scale, dout)
     for name, g, ref, pt, x in zip(("dq", "dk", "dv"), grads, refs, pts, (q, k, v)):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert_close_rule(g, ref, pt, name)

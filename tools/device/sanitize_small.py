@@ -2,13 +2,21 @@
 
     compute-sanitizer --tool memcheck python tools/device/sanitize_small.py
 Covers partial edge chunks, Sq != Sk, q/k capacities 64/128, zero counts, garbage ids and
-the cdf path; exits non-zero if a result is not finite.
+the cdf path, forward and backward; exits non-zero if a result is not finite.
 """
 
 import torch
 
 import bsa_ext  # noqa: F401  (loads the kernels)
 from bsa_ext.layout import ChunkGeometry, selection_width, topk_count
+
+
+def _backward(q, k, v, out, lse, idx, cnt, gq, gk, D):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("bsa::cuda_backward", "CUDA"):
+        return
+    dout = torch.randn_like(out)
+    grads = torch.ops.bsa.cuda_backward(dout, q, k, v, out, lse, idx, cnt, gq.as_ints(), gk.as_ints(), D**-0.5)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def main():
@@ -26,6 +34,7 @@ def main():
             )
             out, lse = torch.ops.bsa.cuda_forward(q, k, v, idx, cnt, gq.as_ints(), gk.as_ints(), D**-0.5)
             assert torch.isfinite(out).all()
+            _backward(q, k, v, out, lse, idx, cnt, gq, gk, D)
         nk = gk.num_blocks
         garbage = torch.tensor([-1, nk, 2**31 - 1, 0, nk - 1], dtype=torch.int32)
         idx = garbage.expand(1, 2, gq.num_blocks, 5).contiguous().cuda()
@@ -33,6 +42,7 @@ def main():
         cnt = cnt.view(1, 2, gq.num_blocks).contiguous().cuda()
         out, lse = torch.ops.bsa.cuda_forward(q, k, v, idx, cnt, gq.as_ints(), gk.as_ints(), D**-0.5)
         assert torch.isfinite(out).all()
+        _backward(q, k, v, out, lse, idx, cnt, gq, gk, D)
     torch.cuda.synchronize()
     print("sanitize_small: ok")
 

@@ -14,6 +14,25 @@ cudaError_t run_forward(const ForwardParams& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim>
 cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
 
+// Backward: delta = rowsum(dout * out), then dq and dk/dv; needs params.qlist/qoffsets from
+// run_invert on the same stream. Deterministic (no atomics); never synchronises.
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+cudaError_t run_backward(const BackwardParams& params, cudaStream_t stream);
+
+// Builds the inverse block index on the device (no host synchronisation).
+cudaError_t run_invert(const InvertParams& params, cudaStream_t stream);
+// Query blocks the inverse index can sort (its shared-memory counters, one per query block).
+constexpr int kInvertMaxQueryBlocks = 48 * 1024;
+
+// Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V;
+// dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows.
+constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k) {
+  return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k);
+}
+constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
+  return 2 * (2 * cap_k * head_dim + 4 * cap_q * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_q;
+}
+
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
 // K/V (128-key chunks), or 32 rows per warp with single K and V buffers (64-key chunks).
 constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {

@@ -9,8 +9,7 @@
 //   double buffered so block n+1 streams in while block n is computed;
 // * forward_wide_kernel (64-key chunks): one warp per 32 query rows, see its comment.
 //
-// Shared memory rows are kHeadDim elements with 16-byte chunks XOR-swizzled by row%8,
-// so that ldmatrix (8 rows, same logical chunk) and cp.async hit distinct banks.
+// Shared memory tiles and their loaders: bsa/tile_sm80.cuh.
 #pragma once
 
 #include <cmath>
@@ -18,45 +17,10 @@
 #include "bsa/api.h"
 #include "bsa/params.h"
 #include "bsa/ptx.cuh"
+#include "bsa/tile_sm80.cuh"
 
 namespace bsa {
 namespace fwd {
-
-template <int kHeadDim>
-__device__ __forceinline__ int swizzle(int row, int col) {
-  return row * kHeadDim + ((((col >> 3) ^ (row & 7))) << 3);
-}
-
-// Copies kRows rows of block `o` into smem (zero rows where padding or `live` is false).
-template <typename Element, int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void load_tile(Element* smem, const Element* base, int64_t row_stride,
-                                          const RowCoord* rows, const BlockOrigin& o, bool live, int tid) {
-  constexpr int kChunks = kHeadDim / 8;
-  constexpr int kIters = kRows * kChunks / kThreads;
-  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
-  const Element* block_base = base + static_cast<int64_t>(o.token) * row_stride;
-  if (live && o.full) {
-    // Interior block (the common case): no per-row tests; partial unroll bounds live addresses.
-#pragma unroll 4
-    for (int it = 0; it < kIters; ++it) {
-      const int i = tid + it * kThreads;
-      const int r = i / kChunks, c = i % kChunks;
-      const Element* src = block_base + static_cast<int64_t>(rows[r].offset) * row_stride + c * 8;
-      cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src, 16);
-    }
-    return;
-  }
-#pragma unroll 1
-  for (int it = 0; it < kIters; ++it) {
-    const int i = tid + it * kThreads;
-    const int r = i / kChunks, c = i % kChunks;
-    const RowCoord rc = rows[r];
-    const bool ok = live && row_inside(o, rc.packed);
-    // Padding rows still need a legal address: the tensor's first element is never out of bounds.
-    const Element* src = ok ? block_base + static_cast<int64_t>(rc.offset) * row_stride + c * 8 : base;
-    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src, ok ? 16 : 0);
-  }
-}
 
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 struct Kernel {

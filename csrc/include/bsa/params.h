@@ -89,6 +89,45 @@ struct SelectParams {
   int width;            // Kmax, the last dim of indices
 };
 
+// Block-sparse backward: dq from each query block's key blocks, dk/dv from each key block's
+// query blocks (the inverse index built by run_invert). Gradients are contiguous [B, H, S, D].
+struct BackwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  const float* lse;   // [B, H, Sq] contiguous
+  float* delta;       // [B, H, Sq] workspace: rowsum(dout * out) in fp32
+  void* dq;
+  void* dk;
+  void* dv;
+  const int32_t* indices;   // [B, H, Nq, kmax] contiguous
+  const int32_t* counts;    // [B, H, Nq] contiguous
+  const int32_t* qlist;     // [B*H, Nq*kmax]: query blocks per key block, ascending (run_invert)
+  const int32_t* qoffsets;  // [B*H, Nk+1]: key block j owns qlist[row, qoffsets[j] .. qoffsets[j+1])
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+  int64_t dout_batch_stride, dout_head_stride, dout_row_stride;
+  int batch, heads, seq_q, seq_k, kmax;
+  Geometry geom_q, geom_k;
+  float sm_scale;
+  float scale_log2;
+};
+
+// Inverse block index: for every (batch*head row, key block) the query blocks whose first
+// counts[q] entries name it, ascending (a repeated id is listed as often as it is repeated).
+struct InvertParams {
+  const int32_t* indices;  // [rows, Nq, kmax]
+  const int32_t* counts;   // [rows, Nq]
+  int32_t* degree;         // [rows, Nk] workspace
+  int32_t* qoffsets;       // [rows, Nk+1]
+  int32_t* qlist;          // [rows, Nq*kmax]
+  int rows, nq, nk, kmax;
+};
+
 enum class DType { kFloat16, kBFloat16 };
 
 }  // namespace bsa

@@ -1,0 +1,128 @@
+// Shared-memory tiles for the sm_80 kernels (forward and backward) and the warp-level
+// matrix products the backward is built from.
+//
+// A tile is kRows rows of kHeadDim elements, one token per row, gathered from a THW-ordered
+// tensor with the chunk arithmetic of params.h. The 16-byte chunks of each row are
+// XOR-swizzled by row % 8, so that ldmatrix (8 rows, same logical chunk) and cp.async hit
+// distinct banks. Fragment layouts follow mma.sync.m16n8k16: an accumulator acc[j][0..3]
+// holds rows g and g+8 (g = lane / 4), columns 8j + 2(lane % 4) + {0, 1}.
+#pragma once
+
+#include <cstdint>
+
+#include "bsa/params.h"
+#include "bsa/ptx.cuh"
+
+namespace bsa {
+
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int col) {
+  return row * kHeadDim + ((((col >> 3) ^ (row & 7))) << 3);
+}
+
+// Copies kRows rows of block `o` into smem (zero rows where padding or `live` is false).
+template <typename Element, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile(Element* smem, const Element* base, int64_t row_stride,
+                                          const RowCoord* rows, const BlockOrigin& o, bool live, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kIters = kRows * kChunks / kThreads;
+  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
+  const Element* block_base = base + static_cast<int64_t>(o.token) * row_stride;
+  if (live && o.full) {
+    // Interior block (the common case): no per-row tests; partial unroll bounds live addresses.
+#pragma unroll 4
+    for (int it = 0; it < kIters; ++it) {
+      const int i = tid + it * kThreads;
+      const int r = i / kChunks, c = i % kChunks;
+      const Element* src = block_base + static_cast<int64_t>(rows[r].offset) * row_stride + c * 8;
+      cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src, 16);
+    }
+    return;
+  }
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {
+    const int i = tid + it * kThreads;
+    const int r = i / kChunks, c = i % kChunks;
+    const RowCoord rc = rows[r];
+    const bool ok = live && row_inside(o, rc.packed);
+    // Padding rows still need a legal address: the tensor's first element is never out of bounds.
+    const Element* src = ok ? block_base + static_cast<int64_t>(rc.offset) * row_stride + c * 8 : base;
+    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src, ok ? 16 : 0);
+  }
+}
+
+// acc[j] (16 x 8kN) += A[a_row0 .. +16, 0 .. kHeadDim) * B[b_row0 .. +8kN, 0 .. kHeadDim)^T for one
+// warp: both operands are tiles whose rows run along the reduction (Q K^T, dO V^T, K Q^T, V dO^T).
+template <DType kDType, int kHeadDim, int kN>
+__device__ __forceinline__ void warp_gemm_nt(float (&acc)[kN][4], const typename ElementOf<kDType>::type* sA, int a_row0,
+                                             const typename ElementOf<kDType>::type* sB, int b_row0, int lane) {
+  static_assert(kN % 2 == 0, "n-tiles come in pairs (one ldmatrix.x4 feeds two)");
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, sA + swizzle<kHeadDim>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+    for (int np = 0; np < kN / 2; ++np) {
+      uint32_t bf[4];
+      const int row = b_row0 + np * 16 + (lane >> 4) * 8 + (lane & 7);
+      ldmatrix_x4(bf, sB + swizzle<kHeadDim>(row, kk * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816<kDType>(acc[2 * np], af, bf[0], bf[1]);
+      mma_16816<kDType>(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x kHeadDim) += A * B[b_row0 .. +8kN, 0 .. kHeadDim) for one warp, where A (16 x 8kN) is
+// an fp32 accumulator of this warp rounded to the element type (P V, dS K, P^T dO, dS^T Q).
+template <DType kDType, int kHeadDim, int kN>
+__device__ __forceinline__ void warp_gemm_rn(float (&acc)[kHeadDim / 8][4], const float (&a)[kN][4],
+                                             const typename ElementOf<kDType>::type* sB, int b_row0, int lane) {
+  using E = ElementOf<kDType>;
+#pragma unroll
+  for (int kk = 0; kk < kN / 2; ++kk) {
+    const uint32_t af[4] = {E::pack(a[2 * kk][0], a[2 * kk][1]), E::pack(a[2 * kk][2], a[2 * kk][3]),
+                            E::pack(a[2 * kk + 1][0], a[2 * kk + 1][1]), E::pack(a[2 * kk + 1][2], a[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      uint32_t bf[4];
+      const int row = b_row0 + kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+      ldmatrix_x4_trans(bf, sB + swizzle<kHeadDim>(row, dp * 16 + (lane >> 4) * 8));
+      mma_16816<kDType>(acc[2 * dp], af, bf[0], bf[1]);
+      mma_16816<kDType>(acc[2 * dp + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// Writes this warp's 16 accumulator rows (times `scale`, rounded) into rows row0.. of `tile`.
+template <DType kDType, int kHeadDim>
+__device__ __forceinline__ void stage_rows(typename ElementOf<kDType>::type* tile, int row0,
+                                           const float (&acc)[kHeadDim / 8][4], float scale, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int row = row0 + g + 8 * hr;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j)
+      *reinterpret_cast<uint32_t*>(tile + swizzle<kHeadDim>(row, j * 8) + 2 * c) =
+          ElementOf<kDType>::pack(acc[j][2 * hr] * scale, acc[j][2 * hr + 1] * scale);
+  }
+}
+
+// Stores rows row0 .. row0+kRows of `tile` to their THW rows of block `o` (padding rows skipped);
+// one warp, 16-byte stores.
+template <typename Element, int kHeadDim, int kRows>
+__device__ __forceinline__ void store_rows(Element* base, int64_t row_stride, const Element* tile, int row0,
+                                           const RowCoord* rows, const BlockOrigin& o, int lane) {
+  constexpr int kChunks = kHeadDim / 8;
+#pragma unroll
+  for (int it = 0; it < kRows * kChunks / 32; ++it) {
+    const int i = lane + it * 32;
+    const int row = row0 + i / kChunks, ch = i % kChunks;
+    const RowCoord rc = rows[row];
+    if (o.full || row_inside(o, rc.packed))
+      *reinterpret_cast<int4*>(base + static_cast<int64_t>(o.token + rc.offset) * row_stride + ch * 8) =
+          *reinterpret_cast<const int4*>(tile + swizzle<kHeadDim>(row, ch * 8));
+  }
+}
+
+}  // namespace bsa
