@@ -44,7 +44,7 @@ from bsa_ext.distributed import (  # noqa: E402
     ulysses_chunks_match,
 )
 from bsa_ext.layout import ChunkGeometry  # noqa: E402
-from helpers import assert_close_rule  # noqa: E402
+from helpers import assert_close_rule, low_precision_attention  # noqa: E402
 
 # Sparse context-parallel cases: non-divisible latents, uneven shards, Sq != Sk, q/k chunks differing.
 SPARSE_CPU = [
@@ -113,8 +113,9 @@ def _truth(case, q, k, v, dout, indices, counts, backend):
     d = [x.double() for x in (q, k, v, dout)]
     ref_out, _ = reference.attention_forward(*d[:3], indices, counts, gq, gk)
     ref_grads = reference.attention_backward(d[3], *d[:3], indices, counts, gq, gk)
-    # pt: the reference on the low-precision inputs, rounded back to their dtype.
-    pt = [ref_out.to(q.dtype)] + [g.to(q.dtype) for g in ref_grads]
+    # pt: the same attention computed in the inputs' dtype (the tolerance rule's low-precision run).
+    pt = [low_precision_attention(q, k, v, indices, counts, gq, gk)]
+    pt += list(low_precision_attention(q, k, v, indices, counts, gq, gk, dout=dout))
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
     args = (case["latent_q"], case["latent_k"], case["chunk_q"], case["chunk_k"])
     one = bsa_ext.block_sparse_attention(qs, ks, vs, indices, counts, *args, backend=backend)
