@@ -69,7 +69,7 @@ cudaStream_t current_stream(int device) {
   return static_cast<cudaStream_t>(stream);
 }
 
-// The Hopper kernel family is tried on sm_90 devices unless env BSA_DISABLE_SM90 is set (read at
+// The Hopper kernel families are tried on sm_90 devices unless env BSA_DISABLE_SM90 is set (read at
 // every call, so A/B tests can flip it); it declines itself when its machine code or TMA can't run.
 bool try_sm90(int device) {
   if (bsa::kNumSm90Forward == 0) return false;
@@ -226,7 +226,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k
   p.sm_scale = float(sm_scale);
   p.scale_log2 = float(sm_scale * 1.4426950408889634);
 
-  const bool found = bsa::dispatch_backward(dt, int(D), gq.capacity(), gk.capacity(), p, stream, &err);
+  const bool found = bsa::dispatch_backward(dt, int(D), gq.capacity(), gk.capacity(), p, stream, &err, try_sm90(device));
   STD_TORCH_CHECK(found, "bsa cuda_backward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),
                   ", k=", gk.capacity(), "; compiled: ", bsa::kCompiledForward);
   STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_backward: launch failed: ", cudaGetErrorString(err), " (needs ",

@@ -31,6 +31,7 @@ FAMILIES = {
 # Backward kernel families (runs on sm_80 and newer), same table shape as the forward.
 BACKWARD_FAMILIES = {
     "bwd_sm80": ("bsa/bwd_sm80.cuh", "run_backward", "cudaStream_t"),
+    "bwd_sm90": ("bsa/bwd_sm90.cuh", "run_backward_sm90", "cudaStream_t, bool*"),
 }
 
 # (family, dtype, head_dim, cap_q, cap_k); selection does not depend on capacities.
@@ -113,9 +114,21 @@ def main() -> None:
     lines.append("// Launches the backward instantiation for these runtime values; false if none was compiled.\n")
     lines.append(
         "inline bool dispatch_backward(DType dt, int d, int cq, int ck, const BackwardParams& p, cudaStream_t s, "
-        "cudaError_t* err) {\n"
+        "cudaError_t* err, bool try_sm90 = false) {\n"
     )
     for family, dt, d, cq, ck in BACKWARD:
+        if family != "bwd_sm90":
+            continue
+        lines.append(
+            f"  if (try_sm90 && dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) {{\n"
+            "    bool launched = false;\n"
+            f"    *err = run_backward_sm90<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s, &launched);\n"
+            "    if (launched || *err != cudaSuccess) return true;\n"
+            "  }\n"
+        )
+    for family, dt, d, cq, ck in BACKWARD:
+        if family != "bwd_sm80":
+            continue
         lines.append(
             f"  if (dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) "
             f"{{ *err = run_backward<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s); return true; }}\n"

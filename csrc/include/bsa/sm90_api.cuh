@@ -1,4 +1,4 @@
-// Host-side declaration of the Hopper forward launcher (definition: fwd_sm90.cuh), for the binding.
+// Host-side declarations of the Hopper launchers (definitions: fwd_sm90.cuh, bwd_sm90.cuh), for the binding.
 #pragma once
 
 #include "bsa/params.h"
@@ -10,5 +10,9 @@ namespace bsa {
 // returns cudaSuccess with *launched == false so that the caller runs the sm80 kernel instead.
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 cudaError_t run_forward_sm90(const ForwardParams& params, cudaStream_t stream, bool* launched);
+
+// The Hopper backward (bwd_sm90.cuh), same contract: *launched == false means run the sm80 one.
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+cudaError_t run_backward_sm90(const BackwardParams& params, cudaStream_t stream, bool* launched);
 
 }  // namespace bsa
