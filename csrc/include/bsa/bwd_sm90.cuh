@@ -1,4 +1,4 @@
-// Block-sparse flash-attention backward for Hopper (sm_90a): wgmma on 128-byte-swizzled tiles.
+// Block-sparse flash-attention backward for Hopper (sm_90a): TMA + mbarrier + wgmma.
 //
 // Same decomposition as bwd_sm80.cuh (delta, then dq per query block over its key blocks and
 // dk/dv per key block over the query blocks that selected it: no atomics, deterministic), but
@@ -7,14 +7,15 @@
 //   dq:   S = Q K^T, dP = dO V^T (both operands from smem), dQ += dS K (dS from registers,
 //         K read MN-major);
 //   dkdv: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
-// Tiles are gathered from the THW layout with cp.async (zero rows for padding) straight into the
-// 128B-swizzle layout that the wgmma descriptors describe: per 64-column half, rows of 128 bytes
-// whose 16-byte units are XORed with row % 8, each tile 1024-byte aligned. Double buffered:
-// the next block streams in while the current one is multiplied.
+// Tiles arrive by TMA over the THW layout (bsa/sm90_tma.cuh: one box per chunk half, 128-byte
+// swizzle, zeros for the rows of partial edge chunks), issued by one thread and completed on
+// mbarriers; double buffered, so block n+1 streams in while block n is multiplied. Out-of-range
+// ids load block 0 (finite data) and are masked to P = 0, as in the forward.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "bsa/api.h"
 #include "bsa/bwd_sm80.cuh"
@@ -22,33 +23,25 @@
 #include "bsa/ptx.cuh"
 #include "bsa/sm90_api.cuh"
 #include "bsa/sm90_ptx.cuh"
+#include "bsa/sm90_tma.cuh"
 #include "bsa/tile_sm80.cuh"
 
 namespace bsa {
 namespace bwd90 {
 
-// Byte offset of 16-byte unit `ch` of row `r` in a kRows-row tile (halves of 64 columns).
-template <int kRows>
-__device__ __forceinline__ uint32_t sw128_offset(int r, int ch) {
-  return (ch >> 3) * (kRows * 128) + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
-}
+// The four tensor maps of one launch (q and dout over the query geometry, k and v over the key one).
+struct BwdMaps {
+  CUtensorMap q, k, v, dout;
+};
 
-// cp.async gather of block `o` into a 128B-swizzled tile (zeros where padding or !live).
-template <typename Element, int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void load_tile_sw128(unsigned char* smem, const Element* base, int64_t row_stride,
-                                                const RowCoord* rows, const BlockOrigin& o, bool live, int tid) {
-  constexpr int kChunks = kHeadDim / 8;
-  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
-  const Element* block_base = base + static_cast<int64_t>(o.token) * row_stride;
-#pragma unroll 4
-  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
-    const int i = tid + it * kThreads;
-    const int r = i / kChunks, ch = i % kChunks;
-    const RowCoord rc = rows[r];
-    const bool ok = live && (o.full || row_inside(o, rc.packed));
-    const Element* src = ok ? block_base + static_cast<int64_t>(rc.offset) * row_stride + ch * 8 : base;
-    cp_async_16(smem + sw128_offset<kRows>(r, ch), src, ok ? 16 : 0);
-  }
+// Loads both 64-column halves of block `id`'s chunk into a tile, completing on `bar`.
+template <int kRows, int kHeadDim>
+__device__ __forceinline__ void tma_chunk(unsigned char* tile, const CUtensorMap* map, uint64_t* bar,
+                                          const Geometry& g, int id, int head) {
+  const sm90::BoxOrigin o = sm90::box_origin(g, id);
+#pragma unroll
+  for (int half = 0; half < kHeadDim / 64; ++half)
+    sm90::tma_load_5d(tile + half * kRows * 128, map, bar, half * 64, o.x, o.y, o.z, head);
 }
 
 // acc (64 x 64) = A[a_row0 .. +64] B[b_row0 .. +64]^T over kHeadDim, both K-major 128B-swizzled
@@ -90,26 +83,30 @@ constexpr int tile_bytes() {
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 struct DqTraits {
   static constexpr int kThreads = kCapQ * 2;  // one warpgroup per 64 query rows
+  static constexpr int kTileQ = tile_bytes<kCapQ, kHeadDim>();
+  static constexpr int kTileK = tile_bytes<kCapK, kHeadDim>();
   static constexpr int kOffQ = 0;
-  static constexpr int kOffDo = kOffQ + tile_bytes<kCapQ, kHeadDim>();
-  static constexpr int kOffK = kOffDo + tile_bytes<kCapQ, kHeadDim>();  // [2]
-  static constexpr int kOffV = kOffK + 2 * tile_bytes<kCapK, kHeadDim>();  // [2]
-  static constexpr int kOffRows = kOffV + 2 * tile_bytes<kCapK, kHeadDim>();
+  static constexpr int kOffDo = kOffQ + kTileQ;
+  static constexpr int kOffK = kOffDo + kTileQ;      // [2]
+  static constexpr int kOffV = kOffK + 2 * kTileK;   // [2]
+  static constexpr int kOffBars = kOffV + 2 * kTileK;  // q_full, kv_full[2]
+  static constexpr int kOffRows = kOffBars + 32;
   static constexpr int kSmem = kOffRows + 8 * (kCapQ + kCapK) + 1024;  // + alignment slack
 };
 
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThreads, 1)
-    dq_kernel(const BackwardParams p) {
+    dq_kernel(const __grid_constant__ BwdMaps maps, const BackwardParams p, const int bh_base) {
 #if !BSA_SM90_ENABLED
   __trap();  // built for other targets only so that one build covers every arch; never launched there
 #else
   using Tr = DqTraits<kDType, kHeadDim, kCapQ, kCapK>;
   using Element = typename ElementOf<kDType>::type;
   constexpr int kThreads = Tr::kThreads;
-  constexpr int kTileK = tile_bytes<kCapK, kHeadDim>();
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Tr::kOffBars);
+  uint64_t* kv_full = q_full + 1;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(smem + Tr::kOffRows);
   RowCoord* k_rows = q_rows + kCapQ;
   const uint32_t q_addr = sm90::smem_u32(smem + Tr::kOffQ), do_addr = sm90::smem_u32(smem + Tr::kOffDo);
@@ -118,35 +115,38 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
   const int g = lane / 4, quad = lane % 4;
   const int row0 = wg * 64 + warp * 16;  // this warp's first query row
-  const int qb = blockIdx.x, bh = blockIdx.y;
-  const int b = bh / p.heads, h = bh % p.heads;
+  const int qb = blockIdx.x, head = blockIdx.y, bh = bh_base + blockIdx.y;
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
   const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
   const int32_t* ids = p.indices + row_id * p.kmax;
   int count = p.counts[row_id];
   count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+  // Out-of-range ids load block 0 (finite data) and are masked to P = 0.
+  auto clamp_id = [nk](int id) { return id >= 0 && id < nk ? id : 0; };
 
+  if (tid == 0) {
+    sm90::mbar_init(q_full, 1);
+    sm90::mbar_init(kv_full, 1);
+    sm90::mbar_init(kv_full + 1, 1);
+    sm90::mbar_init_fence();
+  }
   for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
   for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
   __syncthreads();
 
-  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* do_base = static_cast<const Element*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const BlockOrigin q_origin = block_origin(p.geom_q, qb);
-
-  load_tile_sw128<Element, kHeadDim, kCapQ, kThreads>(smem + Tr::kOffQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);
-  load_tile_sw128<Element, kHeadDim, kCapQ, kThreads>(smem + Tr::kOffDo, do_base, p.dout_row_stride, q_rows, q_origin,
-                                                      true, tid);
-  const int first = count > 0 ? ids[0] : 0;
-  bool live = first >= 0 && first < nk;
-  BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
-  if (count > 0) {
-    load_tile_sw128<Element, kHeadDim, kCapK, kThreads>(smem + Tr::kOffK, k_base, p.k_row_stride, k_rows, origin, live, tid);
-    load_tile_sw128<Element, kHeadDim, kCapK, kThreads>(smem + Tr::kOffV, v_base, p.v_row_stride, k_rows, origin, live, tid);
+  auto issue_kv = [&](int stage, int id) {
+    sm90::mbar_arrive_expect_tx(kv_full + stage, 2 * Tr::kTileK);
+    tma_chunk<kCapK, kHeadDim>(smem + Tr::kOffK + stage * Tr::kTileK, &maps.k, kv_full + stage, p.geom_k, id, head);
+    tma_chunk<kCapK, kHeadDim>(smem + Tr::kOffV + stage * Tr::kTileK, &maps.v, kv_full + stage, p.geom_k, id, head);
+  };
+  if (tid == 0 && count > 0) {
+    sm90::mbar_arrive_expect_tx(q_full, 2 * Tr::kTileQ);
+    tma_chunk<kCapQ, kHeadDim>(smem + Tr::kOffQ, &maps.q, q_full, p.geom_q, qb, head);
+    tma_chunk<kCapQ, kHeadDim>(smem + Tr::kOffDo, &maps.dout, q_full, p.geom_q, qb, head);
+    issue_kv(0, clamp_id(ids[0]));
   }
-  cp_async_commit();
+  const BlockOrigin q_origin = block_origin(p.geom_q, qb);
+  int id = count > 0 ? ids[0] : 0;
   int next_id = count > 1 ? ids[1] : 0;
 
   float lse2[2], delta[2];
@@ -162,24 +162,18 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
   float acc_dq[kHeadDim / 2];
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) acc_dq[i] = 0.f;
+  if (count > 0) sm90::mbar_wait(q_full, 0);
 
   for (int n = 0; n < count; ++n) {
     const int stage = n & 1;
-    cp_async_wait<0>();
-    sm90::fence_proxy_async_smem();  // this thread's cp.async rows become visible to wgmma
-    __syncthreads();                 // ... for every thread; stage^1 is free (waited below)
-    const int nid = next_id;
-    const bool nlive = nid >= 0 && nid < nk;
-    const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
-    if (n + 1 < count) {
-      load_tile_sw128<Element, kHeadDim, kCapK, kThreads>(smem + Tr::kOffK + (stage ^ 1) * kTileK, k_base, p.k_row_stride,
-                                                          k_rows, norigin, nlive, tid);
-      load_tile_sw128<Element, kHeadDim, kCapK, kThreads>(smem + Tr::kOffV + (stage ^ 1) * kTileK, v_base, p.v_row_stride,
-                                                          k_rows, norigin, nlive, tid);
-      next_id = n + 2 < count ? ids[n + 2] : 0;
-    }
-    cp_async_commit();
-    const uint32_t k_tile = k_addr + stage * kTileK, v_tile = v_addr + stage * kTileK;
+    sm90::mbar_wait(kv_full + stage, (n >> 1) & 1);
+    __syncthreads();  // every warpgroup is past block n-1: its stage can be refilled
+    if (tid == 0 && n + 1 < count) issue_kv(stage ^ 1, clamp_id(next_id));
+    const bool live = id >= 0 && id < nk;
+    const BlockOrigin origin = block_origin(p.geom_k, live ? id : 0);
+    id = next_id;
+    next_id = n + 2 < count ? ids[n + 2] : 0;
+    const uint32_t k_tile = k_addr + stage * Tr::kTileK, v_tile = v_addr + stage * Tr::kTileK;
 
 #pragma unroll
     for (int col0 = 0; col0 < kCapK; col0 += 64) {
@@ -210,11 +204,8 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
       sm90::wgmma_wait<0>();
       sm90::fence_registers(acc_dq);
     }
-    live = nlive;
-    origin = norigin;
   }
 
-  cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the Q tile, which now stages dQ
   Element* stage_tile = reinterpret_cast<Element*>(smem + Tr::kOffQ);
   stage_rows<kDType, kHeadDim>(stage_tile, row0, reinterpret_cast<const float(&)[kHeadDim / 8][4]>(acc_dq), p.sm_scale,
@@ -228,29 +219,33 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 struct DkdvTraits {
   static constexpr int kThreads = kCapK * 2;  // one warpgroup per 64 key rows
+  static constexpr int kTileQ = tile_bytes<kCapQ, kHeadDim>();
+  static constexpr int kTileK = tile_bytes<kCapK, kHeadDim>();
   static constexpr int kOffK = 0;
-  static constexpr int kOffV = kOffK + tile_bytes<kCapK, kHeadDim>();
-  static constexpr int kOffQ = kOffV + tile_bytes<kCapK, kHeadDim>();    // [2]
-  static constexpr int kOffDo = kOffQ + 2 * tile_bytes<kCapQ, kHeadDim>();  // [2]
-  static constexpr int kOffStats = kOffDo + 2 * tile_bytes<kCapQ, kHeadDim>();  // lse [2][kCapQ], delta [2][kCapQ]
-  static constexpr int kOffRows = kOffStats + 16 * kCapQ;
+  static constexpr int kOffV = kOffK + kTileK;
+  static constexpr int kOffQ = kOffV + kTileK;        // [2]
+  static constexpr int kOffDo = kOffQ + 2 * kTileQ;   // [2]
+  static constexpr int kOffStats = kOffDo + 2 * kTileQ;  // lse [2][kCapQ], delta [2][kCapQ]
+  static constexpr int kOffBars = kOffStats + 16 * kCapQ;  // kv_full, q_full[2]
+  static constexpr int kOffRows = kOffBars + 32;
   static constexpr int kSmem = kOffRows + 8 * (kCapQ + kCapK) + 1024;
 };
 
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kThreads, 1)
-    dkdv_kernel(const BackwardParams p) {
+    dkdv_kernel(const __grid_constant__ BwdMaps maps, const BackwardParams p, const int bh_base) {
 #if !BSA_SM90_ENABLED
   __trap();
 #else
   using Tr = DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>;
   using Element = typename ElementOf<kDType>::type;
   constexpr int kThreads = Tr::kThreads;
-  constexpr int kTileQ = tile_bytes<kCapQ, kHeadDim>();
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   float* s_lse = reinterpret_cast<float*>(smem + Tr::kOffStats);  // [2][kCapQ], raw (0 on padding rows)
   float* s_delta = s_lse + 2 * kCapQ;
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + Tr::kOffBars);
+  uint64_t* q_full = kv_full + 1;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(smem + Tr::kOffRows);
   RowCoord* k_rows = q_rows + kCapQ;
   const uint32_t k_addr = sm90::smem_u32(smem + Tr::kOffK), v_addr = sm90::smem_u32(smem + Tr::kOffV);
@@ -259,8 +254,7 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
   const int quad = lane % 4;
   const int row0 = wg * 64 + warp * 16;  // this warp's first key row
-  const int kb = blockIdx.x, bh = blockIdx.y;
-  const int b = bh / p.heads, h = bh % p.heads;
+  const int kb = blockIdx.x, head = blockIdx.y, bh = bh_base + blockIdx.y;
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
   const int64_t list_len = static_cast<int64_t>(nq) * p.kmax;
   const int32_t* list = p.qlist + bh * list_len;
@@ -270,55 +264,64 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
   end = end < begin ? begin : (end > list_len ? int(list_len) : end);
   const int len = end - begin;
 
+  if (tid == 0) {
+    sm90::mbar_init(kv_full, 1);
+    sm90::mbar_init(q_full, 1);
+    sm90::mbar_init(q_full + 1, 1);
+    sm90::mbar_init_fence();
+  }
   for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
   for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
   __syncthreads();
 
-  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* do_base = static_cast<const Element*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
   const float* lse_base = p.lse + static_cast<int64_t>(bh) * p.seq_q;
   const float* delta_base = p.delta + static_cast<int64_t>(bh) * p.seq_q;
   const BlockOrigin k_origin = block_origin(p.geom_k, kb);
 
+  // Q and dO of query block `qb` by TMA (thread 0), its lse / delta rows by cp.async (all).
   auto load_query_block = [&](int buf, int qb) {
-    const bool ok_block = qb >= 0 && qb < nq;
-    const BlockOrigin o = block_origin(p.geom_q, ok_block ? qb : 0);
-    load_tile_sw128<Element, kHeadDim, kCapQ, kThreads>(smem + Tr::kOffQ + buf * kTileQ, q_base, p.q_row_stride, q_rows, o,
-                                                        ok_block, tid);
-    load_tile_sw128<Element, kHeadDim, kCapQ, kThreads>(smem + Tr::kOffDo + buf * kTileQ, do_base, p.dout_row_stride,
-                                                        q_rows, o, ok_block, tid);
+    qb = qb >= 0 && qb < nq ? qb : 0;  // the inverse index holds valid ids; stay in bounds anyway
+    if (tid == 0) {
+      sm90::mbar_arrive_expect_tx(q_full + buf, 2 * Tr::kTileQ);
+      tma_chunk<kCapQ, kHeadDim>(smem + Tr::kOffQ + buf * Tr::kTileQ, &maps.q, q_full + buf, p.geom_q, qb, head);
+      tma_chunk<kCapQ, kHeadDim>(smem + Tr::kOffDo + buf * Tr::kTileQ, &maps.dout, q_full + buf, p.geom_q, qb, head);
+    }
+    const BlockOrigin o = block_origin(p.geom_q, qb);
     for (int r = tid; r < kCapQ; r += kThreads) {
       const RowCoord rc = q_rows[r];
-      const bool ok = ok_block && (o.full || row_inside(o, rc.packed));
+      const bool ok = o.full || row_inside(o, rc.packed);
       const int64_t at = ok ? o.token + rc.offset : 0;
       cp_async_4(s_lse + buf * kCapQ + r, lse_base + at, ok ? 4 : 0);
       cp_async_4(s_delta + buf * kCapQ + r, delta_base + at, ok ? 4 : 0);
     }
+    cp_async_commit();
   };
 
-  load_tile_sw128<Element, kHeadDim, kCapK, kThreads>(smem + Tr::kOffK, k_base, p.k_row_stride, k_rows, k_origin, true, tid);
-  load_tile_sw128<Element, kHeadDim, kCapK, kThreads>(smem + Tr::kOffV, v_base, p.v_row_stride, k_rows, k_origin, true, tid);
-  if (len > 0) load_query_block(0, list[begin]);
-  cp_async_commit();
+  if (len > 0) {
+    if (tid == 0) {
+      sm90::mbar_arrive_expect_tx(kv_full, 2 * Tr::kTileK);
+      tma_chunk<kCapK, kHeadDim>(smem + Tr::kOffK, &maps.k, kv_full, p.geom_k, kb, head);
+      tma_chunk<kCapK, kHeadDim>(smem + Tr::kOffV, &maps.v, kv_full, p.geom_k, kb, head);
+    }
+    load_query_block(0, list[begin]);
+  }
   int next_qb = len > 1 ? list[begin + 1] : 0;
 
   float acc_dk[kHeadDim / 2], acc_dv[kHeadDim / 2];
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+  if (len > 0) sm90::mbar_wait(kv_full, 0);
 
   for (int m = 0; m < len; ++m) {
     const int buf = m & 1;
-    cp_async_wait<0>();
-    sm90::fence_proxy_async_smem();
-    __syncthreads();
+    sm90::mbar_wait(q_full + buf, (m >> 1) & 1);
+    cp_async_wait<0>();  // this thread's lse / delta rows of block m
+    __syncthreads();     // ... and every thread's; every warpgroup is past block m-1
     if (m + 1 < len) {
       load_query_block(buf ^ 1, next_qb);
       next_qb = m + 2 < len ? list[begin + m + 2] : 0;
     }
-    cp_async_commit();
-    const uint32_t q_tile = q_addr + buf * kTileQ, do_tile = do_addr + buf * kTileQ;
+    const uint32_t q_tile = q_addr + buf * Tr::kTileQ, do_tile = do_addr + buf * Tr::kTileQ;
     const float* lse_row = s_lse + buf * kCapQ;
     const float* delta_row = s_delta + buf * kCapQ;
 
@@ -355,7 +358,6 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
     }
   }
 
-  cp_async_wait<0>();
   __syncthreads();  // K and V tiles are free for staging dK and dV
   Element* sk = reinterpret_cast<Element*>(smem + Tr::kOffK);
   Element* sv = reinterpret_cast<Element*>(smem + Tr::kOffV);
@@ -371,10 +373,11 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
 }  // namespace bwd90
 
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
-cudaError_t run_backward_sm90(const BackwardParams& params, cudaStream_t stream, bool* launched) {
+cudaError_t run_backward_sm90(const BackwardParams& p, cudaStream_t stream, bool* launched) {
   using Delta = bwd::DeltaKernel<kDType, kHeadDim>;
   using Dq = bwd90::DqTraits<kDType, kHeadDim, kCapQ, kCapK>;
   using Dkdv = bwd90::DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>;
+  using Element = typename ElementOf<kDType>::type;
   *launched = false;
   auto dq = bwd90::dq_kernel<kDType, kHeadDim, kCapQ, kCapK>;
   auto dkdv = bwd90::dkdv_kernel<kDType, kHeadDim, kCapQ, kCapK>;
@@ -384,16 +387,41 @@ cudaError_t run_backward_sm90(const BackwardParams& params, cudaStream_t stream,
     cudaGetLastError();
     return cudaSuccess;
   }
+  // Batch and head merge into the maps' last dimension when every batch stride is H head
+  // strides; otherwise one launch per batch entry with its own maps.
+  const int64_t B = p.batch, H = p.heads;
+  auto merges = [&](int64_t bs, int64_t hs) { return B == 1 || bs == H * hs; };
+  const bool merged = merges(p.q_batch_stride, p.q_head_stride) && merges(p.k_batch_stride, p.k_head_stride) &&
+                      merges(p.v_batch_stride, p.v_head_stride) && merges(p.dout_batch_stride, p.dout_head_stride);
+  const int64_t launches = merged ? 1 : B;
+  const int64_t map_heads = merged ? B * H : H;
+  std::vector<bwd90::BwdMaps> maps(static_cast<size_t>(launches));
+  for (int64_t b = 0; b < launches; ++b) {
+    const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
+    const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride;
+    const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride;
+    const Element* d = static_cast<const Element*>(p.dout) + b * p.dout_batch_stride;
+    if (!sm90::encode_chunk_map(&maps[b].q, q, kDType, kHeadDim, p.geom_q, p.q_row_stride, p.q_head_stride, map_heads) ||
+        !sm90::encode_chunk_map(&maps[b].k, k, kDType, kHeadDim, p.geom_k, p.k_row_stride, p.k_head_stride, map_heads) ||
+        !sm90::encode_chunk_map(&maps[b].v, v, kDType, kHeadDim, p.geom_k, p.v_row_stride, p.v_head_stride, map_heads) ||
+        !sm90::encode_chunk_map(&maps[b].dout, d, kDType, kHeadDim, p.geom_q, p.dout_row_stride, p.dout_head_stride,
+                                map_heads))
+      return cudaSuccess;
+  }
   cudaError_t err = bwd::allow_smem(dq, Dq::kSmem);
   if (err == cudaSuccess) err = bwd::allow_smem(dkdv, Dkdv::kSmem);
   if (err != cudaSuccess) return err;
   *launched = true;
-  const int rows = params.batch * params.heads;
-  if (rows == 0) return cudaSuccess;
-  const dim3 delta_grid((params.seq_q + Delta::kRows - 1) / Delta::kRows, rows);
-  bwd::delta_kernel<kDType, kHeadDim><<<delta_grid, Delta::kThreads, 0, stream>>>(params);
-  dq<<<dim3(params.geom_q.num_blocks(), rows), Dq::kThreads, Dq::kSmem, stream>>>(params);
-  dkdv<<<dim3(params.geom_k.num_blocks(), rows), Dkdv::kThreads, Dkdv::kSmem, stream>>>(params);
+  if (B * H == 0) return cudaSuccess;
+  const dim3 delta_grid((p.seq_q + Delta::kRows - 1) / Delta::kRows, static_cast<unsigned>(B * H));
+  bwd::delta_kernel<kDType, kHeadDim><<<delta_grid, Delta::kThreads, 0, stream>>>(p);
+  for (int64_t b = 0; b < launches; ++b) {
+    const int bh_base = static_cast<int>(b * H);
+    dq<<<dim3(p.geom_q.num_blocks(), static_cast<unsigned>(map_heads)), Dq::kThreads, Dq::kSmem, stream>>>(maps[b], p,
+                                                                                                         bh_base);
+    dkdv<<<dim3(p.geom_k.num_blocks(), static_cast<unsigned>(map_heads)), Dkdv::kThreads, Dkdv::kSmem, stream>>>(
+        maps[b], p, bh_base);
+  }
   return cudaGetLastError();
 }
 
