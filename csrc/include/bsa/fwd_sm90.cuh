@@ -42,7 +42,7 @@ struct ForwardTraits {
   static constexpr int kQBytes = kCapQ * kHeadDim * 2;   // one ring's query tile
   static constexpr int kTileBytes = kCapK * kHeadDim * 2;  // one K or one V tile
   static constexpr int kSmemLimit = 227 * 1024;
-  static constexpr int kReserve = 2048;  // barriers, ids, row tables, alignment slack
+  static constexpr int kReserve = 2048;  // barriers, row tables, alignment slack
   static constexpr int kStagesFit = (kSmemLimit - kRings * kQBytes - kReserve) / (kRings * 2 * kTileBytes);
   static constexpr int kStages = kStagesFit > 4 ? 4 : kStagesFit;
   static_assert(kStages >= 1, "tiles do not fit in shared memory");
@@ -54,8 +54,7 @@ struct ForwardTraits {
   static constexpr int kOffV = kOffK + kRings * kStages * kTileBytes;
   static constexpr int kOffBars = kOffV + kRings * kStages * kTileBytes;
   static constexpr int kNumBars = kRings * (4 * kStages + 1);
-  static constexpr int kOffIds = kOffBars + 8 * kNumBars;
-  static constexpr int kOffKRows = kOffIds + 4 * kRings * kStages;
+  static constexpr int kOffKRows = kOffBars + 8 * kNumBars;
   static constexpr int kOffQRows = kOffKRows + 4 * kCapK;
   static constexpr int kOffTurns = kOffQRows + 8 * kCapQ;
   static constexpr int kSmemBytes = kOffTurns + 8 + 1024;
@@ -68,7 +67,6 @@ struct ForwardTraits {
 template <int kStages>
 struct Ring {
   uint64_t* bars;
-  int* ids;
   __device__ uint64_t* full_k(int s) const { return bars + s; }
   __device__ uint64_t* full_v(int s) const { return bars + kStages + s; }
   __device__ uint64_t* empty_k(int s) const { return bars + 2 * kStages + s; }
@@ -189,7 +187,6 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Tr::kOffBars);
-  int* stage_ids = reinterpret_cast<int*>(smem + Tr::kOffIds);
   int* k_packed = reinterpret_cast<int*>(smem + Tr::kOffKRows);
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(smem + Tr::kOffQRows);
 
@@ -246,7 +243,7 @@ __global__ void __launch_bounds__(384, 1)
     const int r = warp;
     const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
     if (qb >= nq) return;
-    Ring<kStages> ring{bars + r * (4 * kStages + 1), stage_ids + r * kStages};
+    Ring<kStages> ring{bars + r * (4 * kStages + 1)};
     unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
     unsigned char* sK = smem + Tr::kOffK + r * kStages * Tr::kTileBytes;
     unsigned char* sV = smem + Tr::kOffV + r * kStages * Tr::kTileBytes;
@@ -273,7 +270,6 @@ __global__ void __launch_bounds__(384, 1)
         const uint32_t free_parity = ((n / kStages) & 1) ^ 1;
         const BoxOrigin ko = box_origin(p.geom_k, id);
         mbar_wait(ring.empty_k(s), free_parity);
-        ring.ids[s] = id;  // published by the release semantics of the arrive below
         mbar_arrive_expect_tx(ring.full_k(s), Tr::kTileBytes);
 #pragma unroll
         for (int half = 0; half < Tr::kHalves; ++half)
@@ -289,11 +285,6 @@ __global__ void __launch_bounds__(384, 1)
       }
       id = next;
     }
-    // End of the list: a K stage whose id is -1 (no bytes, a plain arrive completes the phase).
-    const int s = n % kStages;
-    mbar_wait(ring.empty_k(s), ((n / kStages) & 1) ^ 1);
-    ring.ids[s] = -1;
-    mbar_arrive(ring.full_k(s));
     return;
   }
 
@@ -318,7 +309,7 @@ __global__ void __launch_bounds__(384, 1)
     if (kPingPong) named_barrier_arrive(3 + (c ^ 1), 256);
   };
   if (qb >= nq) return;
-  Ring<kStages> ring{bars + r * (4 * kStages + 1), stage_ids + r * kStages};
+  Ring<kStages> ring{bars + r * (4 * kStages + 1)};
   unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
   const uint32_t q_addr = smem_u32(sQ) + row0 * 128;
   const uint32_t k_addr0 = smem_u32(smem + Tr::kOffK + r * kStages * Tr::kTileBytes);
@@ -337,10 +328,27 @@ __global__ void __launch_bounds__(384, 1)
   float s_acc[kCapK / 2];
   uint32_t pf[kCapK / 16][4];
 
-  mbar_wait(ring.q_full(), 0);
-  mbar_wait(ring.full_k(0), 0);
-  int id = ring.ids[0];
+  // The consumers walk the same id list as the producer (from global memory, skipping ids
+  // outside [0, Nk) as it does), so stage n always holds their n-th valid block.
+  const int64_t list_row = static_cast<int64_t>(bh) * nq + qb;
+  const int32_t* list = p.indices + list_row * p.kmax;
+  int list_len = p.counts[list_row];
+  list_len = list_len < 0 ? 0 : (list_len > p.kmax ? p.kmax : list_len);
+  int cursor = 0;
+  auto next_valid = [&]() {
+    while (cursor < list_len) {
+      const int x = list[cursor++];
+      if (static_cast<unsigned>(x) < static_cast<unsigned>(nk)) return x;
+    }
+    return -1;
+  };
+  int id = next_valid();
+  // The next raw id is loaded one block early and tested only then, so its latency hides
+  // behind a block of math; an invalid one (rare) takes the scanning path.
+  int ahead = cursor < list_len ? list[cursor] : -1;
+  mbar_wait(ring.q_full(), 0);  // even without keys: the epilogue reuses the Q rows
   if (id >= 0) {
+    mbar_wait(ring.full_k(0), 0);
     // Block 0: scores, softmax, P.
     turn_begin();
     issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_addr, k_addr0);
@@ -360,9 +368,18 @@ __global__ void __launch_bounds__(384, 1)
       const uint32_t ph0 = (n / kStages) & 1;
       const int s1 = (n + 1) % kStages;
       const uint32_t ph1 = ((n + 1) / kStages) & 1;
-      mbar_wait(ring.full_k(s1), ph1);
-      const int id1 = ring.ids[s1];
+      int id1 = -1;
+      if (cursor < list_len) {
+        if (static_cast<unsigned>(ahead) < static_cast<unsigned>(nk)) {
+          id1 = ahead;
+          ++cursor;
+        } else {
+          id1 = next_valid();
+        }
+      }
       if (id1 < 0) break;
+      ahead = cursor < list_len ? list[cursor] : -1;
+      mbar_wait(ring.full_k(s1), ph1);
       mbar_wait(ring.full_v(s0), ph0);
       turn_begin();
       issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_addr, k_addr0 + s1 * Tr::kTileBytes);
