@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "bsa/api.h"
@@ -62,6 +63,38 @@ void check_qkv(const Tensor& x, const char* name, int64_t seq_len, int device) {
 
 int64_t stride_or_zero(const Tensor& x, int d) { return x.size(d) == 1 ? 0 : x.stride(d); }
 
+// Element strides of a [B, H, S, D] view as the params structs hold them (0 for size-1 dims).
+void strides_of(const Tensor& x, int64_t* batch, int64_t* head, int64_t* row) {
+  *batch = stride_or_zero(x, 0), *head = stride_or_zero(x, 1), *row = x.stride(2);
+}
+
+// What both attention kernels assume of q, k, v (and of out / dout, which are shaped like q):
+// checks them and returns the dtype with B, H, D.
+struct AttentionShape {
+  bsa::DType dtype;
+  int64_t B, H, D;
+};
+using Named = std::pair<const Tensor*, const char*>;
+AttentionShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Named>& like_q,
+                               int64_t sq, int64_t sk, int device, double sm_scale) {
+  // The kernels take row maxima of raw scores, which is the softmax max only for a positive scale.
+  STD_TORCH_CHECK(sm_scale > 0 && std::isfinite(sm_scale), "sm_scale must be positive and finite, got ", sm_scale);
+  check_qkv(q, "q", sq, device);
+  check_qkv(k, "k", sk, device);
+  check_qkv(v, "v", sk, device);
+  for (const Named& x : like_q) check_qkv(*x.first, x.second, sq, device);
+  const AttentionShape r{to_dtype(q, "q"), q.size(0), q.size(1), q.size(3)};
+  std::vector<Named> others{{&k, "k"}, {&v, "v"}};
+  others.insert(others.end(), like_q.begin(), like_q.end());
+  for (const Named& x : others) {
+    STD_TORCH_CHECK(x.first->scalar_type() == q.scalar_type(), x.second, ": dtype differs from q's");
+    STD_TORCH_CHECK(x.first->size(0) == r.B && x.first->size(1) == r.H && x.first->size(3) == r.D, x.second,
+                    ": batch/heads/head_dim differ from q's");
+  }
+  STD_TORCH_CHECK(r.B * r.H < 65536, "batch*heads must be < 65536");
+  return r;
+}
+
 cudaStream_t current_stream(int device) {
   void* stream = nullptr;
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
@@ -98,17 +131,7 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   const bsa::Geometry gq = to_geometry(geom_q, "geom_q"), gk = to_geometry(geom_k, "geom_k");
   const int device = q.get_device_index();
   const int64_t sq = int64_t(gq.T) * gq.H * gq.W, sk = int64_t(gk.T) * gk.H * gk.W;
-  // The kernel takes row maxima of raw scores, which is the softmax max only for a positive scale.
-  STD_TORCH_CHECK(sm_scale > 0 && std::isfinite(sm_scale), "sm_scale must be positive and finite, got ", sm_scale);
-  check_qkv(q, "q", sq, device);
-  check_qkv(k, "k", sk, device);
-  check_qkv(v, "v", sk, device);
-  const bsa::DType dt = to_dtype(q, "q");
-  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v: dtypes differ");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
-  for (const Tensor* x : {&k, &v})
-    STD_TORCH_CHECK(x->size(0) == B && x->size(1) == H && x->size(3) == D, "k, v: batch/heads/head_dim differ from q");
-  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  const auto [dt, B, H, D] = check_attention(q, k, v, {}, sq, sk, device, sm_scale);
   const int nq = gq.num_blocks();
   indices = int_block_tensor(indices, "indices", {B, H, nq, -1}, device);
   counts = int_block_tensor(counts, "counts", {B, H, nq}, device);
@@ -125,9 +148,9 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   p.lse = static_cast<float*>(lse.data_ptr());
   p.indices = static_cast<const int32_t*>(indices.data_ptr());
   p.counts = static_cast<const int32_t*>(counts.data_ptr());
-  p.q_batch_stride = stride_or_zero(q, 0), p.q_head_stride = stride_or_zero(q, 1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = stride_or_zero(k, 0), p.k_head_stride = stride_or_zero(k, 1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = stride_or_zero(v, 0), p.v_head_stride = stride_or_zero(v, 1), p.v_row_stride = v.stride(2);
+  strides_of(q, &p.q_batch_stride, &p.q_head_stride, &p.q_row_stride);
+  strides_of(k, &p.k_batch_stride, &p.k_head_stride, &p.k_row_stride);
+  strides_of(v, &p.v_batch_stride, &p.v_head_stride, &p.v_row_stride);
   p.out_batch_stride = H * sq * D, p.out_head_stride = sq * D, p.out_row_stride = D;
   p.batch = int(B), p.heads = int(H), p.seq_q = int(sq), p.seq_k = int(sk), p.kmax = int(indices.size(3));
   p.geom_q = gq, p.geom_k = gk;
@@ -151,20 +174,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k
   const bsa::Geometry gq = to_geometry(geom_q, "geom_q"), gk = to_geometry(geom_k, "geom_k");
   const int device = q.get_device_index();
   const int64_t sq = int64_t(gq.T) * gq.H * gq.W, sk = int64_t(gk.T) * gk.H * gk.W;
-  STD_TORCH_CHECK(sm_scale > 0 && std::isfinite(sm_scale), "sm_scale must be positive and finite, got ", sm_scale);
-  check_qkv(q, "q", sq, device);
-  check_qkv(k, "k", sk, device);
-  check_qkv(v, "v", sk, device);
-  check_qkv(out, "out", sq, device);
-  check_qkv(dout, "dout", sq, device);
-  const bsa::DType dt = to_dtype(q, "q");
-  for (const Tensor* x : {&k, &v, &out, &dout})
-    STD_TORCH_CHECK(x->scalar_type() == q.scalar_type(), "k, v, out, dout: dtype differs from q");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
-  for (const Tensor* x : {&k, &v, &out, &dout})
-    STD_TORCH_CHECK(x->size(0) == B && x->size(1) == H && x->size(3) == D,
-                    "k, v, out, dout: batch/heads/head_dim differ from q");
-  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  const auto [dt, B, H, D] = check_attention(q, k, v, {{&out, "out"}, {&dout, "dout"}}, sq, sk, device, sm_scale);
   STD_TORCH_CHECK(lse.is_cuda() && lse.get_device_index() == device && lse.scalar_type() == ScalarType::Float &&
                       lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == sq,
                   "lse: expected float32 [B, H, Sq] on the device of q");
@@ -214,13 +224,11 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k
   p.counts = ip.counts;
   p.qlist = ip.qlist;
   p.qoffsets = ip.qoffsets;
-  p.q_batch_stride = stride_or_zero(q, 0), p.q_head_stride = stride_or_zero(q, 1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = stride_or_zero(k, 0), p.k_head_stride = stride_or_zero(k, 1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = stride_or_zero(v, 0), p.v_head_stride = stride_or_zero(v, 1), p.v_row_stride = v.stride(2);
-  p.out_batch_stride = stride_or_zero(out, 0), p.out_head_stride = stride_or_zero(out, 1);
-  p.out_row_stride = out.stride(2);
-  p.dout_batch_stride = stride_or_zero(dout, 0), p.dout_head_stride = stride_or_zero(dout, 1);
-  p.dout_row_stride = dout.stride(2);
+  strides_of(q, &p.q_batch_stride, &p.q_head_stride, &p.q_row_stride);
+  strides_of(k, &p.k_batch_stride, &p.k_head_stride, &p.k_row_stride);
+  strides_of(v, &p.v_batch_stride, &p.v_head_stride, &p.v_row_stride);
+  strides_of(out, &p.out_batch_stride, &p.out_head_stride, &p.out_row_stride);
+  strides_of(dout, &p.dout_batch_stride, &p.dout_head_stride, &p.dout_row_stride);
   p.batch = int(B), p.heads = int(H), p.seq_q = int(sq), p.seq_k = int(sk), p.kmax = int(kmax);
   p.geom_q = gq, p.geom_k = gk;
   p.sm_scale = float(sm_scale);
@@ -265,8 +273,8 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   bsa::SelectParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
-  p.q_batch_stride = stride_or_zero(q, 0), p.q_head_stride = stride_or_zero(q, 1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = stride_or_zero(k, 0), p.k_head_stride = stride_or_zero(k, 1), p.k_row_stride = k.stride(2);
+  strides_of(q, &p.q_batch_stride, &p.q_head_stride, &p.q_row_stride);
+  strides_of(k, &p.k_batch_stride, &p.k_head_stride, &p.k_row_stride);
   p.q_pooled = static_cast<float*>(q_pooled.data_ptr());
   p.k_pooled = static_cast<float*>(k_pooled.data_ptr());
   p.scores = static_cast<float*>(scores.data_ptr());

@@ -58,6 +58,29 @@ def _write(name: str, text: str) -> None:
             f.write(text)
 
 
+def _attention_dispatch(op: str, params: str, table, sm90_family: str, sm90_launcher: str, sm80_launcher: str):
+    """``dispatch_<op>``: the sm90 instantiation first (when try_sm90 and it accepts), else sm80."""
+    lines = [
+        f"// Launches the {op} instantiation for these runtime values; false if none was compiled.\n",
+        "// With try_sm90, an sm90 instantiation runs when it accepts the inputs, else sm80 does.\n",
+        f"inline bool dispatch_{op}(DType dt, int d, int cq, int ck, const {params}& p, cudaStream_t s, "
+        "cudaError_t* err, bool try_sm90 = false) {\n",
+    ]
+    for family, dt, d, cq, ck in sorted(table, key=lambda row: row[0] != sm90_family):
+        match = f"dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}"
+        args = f"DType::{DTYPES[dt]}, {d}, {cq}, {ck}"
+        if family == sm90_family:
+            lines.append(
+                f"  if (try_sm90 && {match}) {{\n    bool launched = false;\n"
+                f"    *err = {sm90_launcher}<{args}>(p, s, &launched);\n"
+                "    if (launched || *err != cudaSuccess) return true;\n  }\n"
+            )
+        else:
+            lines.append(f"  if ({match}) {{ *err = {sm80_launcher}<{args}>(p, s); return true; }}\n")
+    lines.append("  return false;\n}\n\n")
+    return lines
+
+
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     wanted = set()
@@ -87,53 +110,8 @@ def main() -> None:
             os.remove(os.path.join(OUT, stale))
 
     lines = [HEADER, '#include "bsa/api.h"\n', '#include "bsa/sm90_api.cuh"\n', "namespace bsa {\n"]
-    lines.append("// Launches the forward instantiation for these runtime values; false if none was compiled.\n")
-    lines.append("// With try_sm90, an sm90 instantiation runs when it accepts the inputs, else sm80 does.\n")
-    lines.append(
-        "inline bool dispatch_forward(DType dt, int d, int cq, int ck, const ForwardParams& p, cudaStream_t s, "
-        "cudaError_t* err, bool try_sm90 = false) {\n"
-    )
-    for family, dt, d, cq, ck in FORWARD:
-        if family != "fwd_sm90":
-            continue
-        lines.append(
-            f"  if (try_sm90 && dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) {{\n"
-            "    bool launched = false;\n"
-            f"    *err = run_forward_sm90<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s, &launched);\n"
-            "    if (launched || *err != cudaSuccess) return true;\n"
-            "  }\n"
-        )
-    for family, dt, d, cq, ck in FORWARD:
-        if family != "fwd_sm80":
-            continue
-        lines.append(
-            f"  if (dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) "
-            f"{{ *err = run_forward<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s); return true; }}\n"
-        )
-    lines.append("  return false;\n}\n\n")
-    lines.append("// Launches the backward instantiation for these runtime values; false if none was compiled.\n")
-    lines.append(
-        "inline bool dispatch_backward(DType dt, int d, int cq, int ck, const BackwardParams& p, cudaStream_t s, "
-        "cudaError_t* err, bool try_sm90 = false) {\n"
-    )
-    for family, dt, d, cq, ck in BACKWARD:
-        if family != "bwd_sm90":
-            continue
-        lines.append(
-            f"  if (try_sm90 && dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) {{\n"
-            "    bool launched = false;\n"
-            f"    *err = run_backward_sm90<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s, &launched);\n"
-            "    if (launched || *err != cudaSuccess) return true;\n"
-            "  }\n"
-        )
-    for family, dt, d, cq, ck in BACKWARD:
-        if family != "bwd_sm80":
-            continue
-        lines.append(
-            f"  if (dt == DType::{DTYPES[dt]} && d == {d} && cq == {cq} && ck == {ck}) "
-            f"{{ *err = run_backward<DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(p, s); return true; }}\n"
-        )
-    lines.append("  return false;\n}\n\n")
+    lines += _attention_dispatch("forward", "ForwardParams", FORWARD, "fwd_sm90", "run_forward_sm90", "run_forward")
+    lines += _attention_dispatch("backward", "BackwardParams", BACKWARD, "bwd_sm90", "run_backward_sm90", "run_backward")
     lines.append("inline bool dispatch_select(DType dt, int d, const SelectParams& p, cudaStream_t s, cudaError_t* err) {\n")
     for _, dt, d in SELECT:
         lines.append(f"  if (dt == DType::{DTYPES[dt]} && d == {d}) {{ *err = run_select<DType::{DTYPES[dt]}, {d}>(p, s); return true; }}\n")

@@ -28,6 +28,17 @@ constexpr float kLog2e = 1.4426950408889634f;
 // lse in log2 units; a row without keys (lse = -inf) gets +inf so that every p is exactly 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
+// Softmax statistics of query row `row` of block `q_origin`: lse in log2 units (+inf on
+// padding rows and rows without keys, so that every p is 0) and delta.
+__device__ __forceinline__ void row_stats(const BackwardParams& p, const RowCoord* q_rows, const BlockOrigin& q_origin,
+                                          int bh, int row, float* lse2, float* delta) {
+  const RowCoord rc = q_rows[row];
+  const bool valid = q_origin.full || row_inside(q_origin, rc.packed);
+  const int64_t at = static_cast<int64_t>(bh) * p.seq_q + q_origin.token + rc.offset;
+  *lse2 = valid ? lse_log2(p.lse[at]) : INFINITY;
+  *delta = valid ? p.delta[at] : 0.f;
+}
+
 template <DType kDType, int kHeadDim>
 struct DeltaKernel {
   static constexpr int kThreads = 256;
@@ -102,14 +113,13 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   int count = p.counts[row_id];
   count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
 
-  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
-  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
+  init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();
 
-  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* do_base = static_cast<const Element*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
+  const Element* do_base = head_base<Element>(p.dout, p.dout_batch_stride, p.dout_head_stride, b, h);
+  const Element* k_base = head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
+  const Element* v_base = head_base<Element>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
   const BlockOrigin q_origin = block_origin(p.geom_q, qb);
 
   load_tile<Element, kHeadDim, kCapQ, kThreads>(sQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);
@@ -128,13 +138,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   // Softmax statistics of this thread's two rows (g and g+8 of the warp).
   float lse2[2], delta[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const RowCoord rc = q_rows[warp_row + g + 8 * hr];
-    const bool valid = q_origin.full || row_inside(q_origin, rc.packed);
-    const int64_t at = static_cast<int64_t>(bh) * p.seq_q + q_origin.token + rc.offset;
-    lse2[hr] = valid ? lse_log2(p.lse[at]) : INFINITY;
-    delta[hr] = valid ? p.delta[at] : 0.f;
-  }
+  for (int hr = 0; hr < 2; ++hr) row_stats(p, q_rows, q_origin, bh, warp_row + g + 8 * hr, &lse2[hr], &delta[hr]);
 
   float acc_dq[kHeadDim / 8][4];
 #pragma unroll
@@ -233,14 +237,13 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   end = end < begin ? begin : (end > list_len ? int(list_len) : end);
   const int len = end - begin;
 
-  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
-  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
+  init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();
 
-  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* do_base = static_cast<const Element*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
+  const Element* do_base = head_base<Element>(p.dout, p.dout_batch_stride, p.dout_head_stride, b, h);
+  const Element* k_base = head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
+  const Element* v_base = head_base<Element>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
   const float* lse_base = p.lse + static_cast<int64_t>(bh) * p.seq_q;
   const float* delta_base = p.delta + static_cast<int64_t>(bh) * p.seq_q;
   const BlockOrigin k_origin = block_origin(p.geom_k, kb);

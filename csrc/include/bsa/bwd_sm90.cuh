@@ -130,8 +130,7 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
     sm90::mbar_init(kv_full + 1, 1);
     sm90::mbar_init_fence();
   }
-  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
-  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
+  init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();
 
   auto issue_kv = [&](int stage, int id) {
@@ -151,13 +150,7 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
 
   float lse2[2], delta[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const RowCoord rc = q_rows[row0 + g + 8 * hr];
-    const bool valid = q_origin.full || row_inside(q_origin, rc.packed);
-    const int64_t at = static_cast<int64_t>(bh) * p.seq_q + q_origin.token + rc.offset;
-    lse2[hr] = valid ? bwd::lse_log2(p.lse[at]) : INFINITY;
-    delta[hr] = valid ? p.delta[at] : 0.f;
-  }
+  for (int hr = 0; hr < 2; ++hr) bwd::row_stats(p, q_rows, q_origin, bh, row0 + g + 8 * hr, &lse2[hr], &delta[hr]);
 
   float acc_dq[kHeadDim / 2];
 #pragma unroll
@@ -270,8 +263,7 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
     sm90::mbar_init(q_full + 1, 1);
     sm90::mbar_init_fence();
   }
-  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
-  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
+  init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();
 
   const float* lse_base = p.lse + static_cast<int64_t>(bh) * p.seq_q;

@@ -64,13 +64,12 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   int count = p.counts[row_id];
   count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
 
-  if (tid < kCapQ) q_rows[tid] = row_coord(p.geom_q, tid);
-  if (tid < kCapK) k_rows[tid] = row_coord(p.geom_k, tid);
+  init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();
 
-  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
+  const Element* k_base = head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
+  const Element* v_base = head_base<Element>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
   const BlockOrigin q_origin = block_origin(p.geom_q, qb);
 
   load_tile<Element, kHeadDim, kCapQ, kThreads>(sQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);
@@ -292,13 +291,12 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   int count = p.counts[row_id];
   count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
 
-  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(p.geom_q, r);
-  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(p.geom_k, r);
+  init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();
 
-  const Element* q_base = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* k_base = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_base = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
+  const Element* k_base = head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
+  const Element* v_base = head_base<Element>(p.v, p.v_batch_stride, p.v_head_stride, b, h);
   const BlockOrigin q_origin = block_origin(p.geom_q, qb);
 
   load_tile<Element, kHeadDim, kCapQ, kThreads>(sQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);

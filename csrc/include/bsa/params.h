@@ -30,6 +30,20 @@ __host__ __device__ inline RowCoord row_coord(const Geometry& g, int r) {
   return {(dt * g.H + dh) * g.W + dw, dt | (dh << 10) | (dw << 20)};
 }
 
+// Fills a CTA's row tables of one query chunk and one key chunk (called by all kThreads threads).
+template <int kCapQ, int kCapK, int kThreads>
+__device__ inline void init_row_tables(RowCoord* q_rows, RowCoord* k_rows, const Geometry& gq, const Geometry& gk,
+                                       int tid) {
+  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(gq, r);
+  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(gk, r);
+}
+
+// First element of head (b, h) of a [B, H, S, D] view given by its element strides.
+template <typename Element>
+__host__ __device__ inline const Element* head_base(const void* x, int64_t batch_stride, int64_t head_stride, int b, int h) {
+  return static_cast<const Element*>(x) + b * batch_stride + h * head_stride;
+}
+
 // Origin token and the number of valid coordinates left in each direction for block b.
 struct BlockOrigin {
   int token;
