@@ -120,6 +120,9 @@ def mass_kept(q, k, indices, counts, geom_q: ChunkGeometry, geom_k: ChunkGeometr
 
 
 def _git_commit() -> str:
+    """The commit measured: env ``BSA_COMMIT`` when set (a copied tree's git may be stale), else git."""
+    if os.environ.get("BSA_COMMIT"):
+        return os.environ["BSA_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(
