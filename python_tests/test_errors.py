@@ -137,3 +137,20 @@ def test_ops_check_their_own_arguments():
         bwd(out.half(), lse)
     with pytest.raises(ValueError, match=r"dout: expected the shape of q"):
         bwd(out, lse, dout[:, :1])
+
+
+def test_capability_limits_on_block_counts_are_reasons(monkeypatch):
+    """The table's block-count limits become reasons (for errors, auto and `info`) on any device."""
+    from bsa_ext import capabilities
+
+    monkeypatch.setattr(capabilities, "backend_unavailable_reason", lambda *a, **k: None)
+    cpu = torch.device("cpu")
+    args = (cpu, torch.bfloat16, 128, (64, 64))
+    cap_q = capabilities.CAPABILITIES[("cuda", "backward")].max_query_blocks
+    cap_k = capabilities.CAPABILITIES[("cuda", "select")].max_key_blocks
+    reasons = capabilities.not_supported_reasons("cuda", "backward", *args, 10, num_query_blocks=cap_q + 1)
+    assert f"{cap_q + 1} query blocks > {cap_q}" in reasons
+    assert not [r for r in capabilities.not_supported_reasons("cuda", "backward", *args, 10, num_query_blocks=cap_q)
+                if "blocks" in r]
+    reasons = capabilities.not_supported_reasons("cuda", "select", *args, cap_k + 1)
+    assert f"{cap_k + 1} key blocks > {cap_k}" in reasons
