@@ -32,7 +32,9 @@ def info() -> int:
             cut = next((i for i, p in enumerate(parts) if p in ("fp16", "bf16")), len(parts))
             families.setdefault("_".join(parts[:cut]), []).append("_".join(parts[cut:]))
         for family, variants in families.items():
-            print(f"  {family}: {len(variants)} instantiations ({', '.join(sorted(variants))})")
+            configs = sorted(v for v in variants if v)
+            what = f"{len(configs)} instantiations ({', '.join(configs)})" if configs else "one for all configurations"
+            print(f"  {family}: {what}")
     else:
         print(f"CUDA kernels: not built ({build.get('cuda_skip_reason')})")
     if _library.CUDA_LOAD_ERROR is not None and build.get("cuda_built"):
