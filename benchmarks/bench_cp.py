@@ -63,6 +63,19 @@ def _max_over_ranks(value: int, world: int) -> int:
     return int(t.item())
 
 
+def _profile(fn, rank: int) -> None:
+    """Two calls of ``fn`` under the torch profiler on every rank (collectives must match); rank 0 prints."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+    if rank == 0:
+        for key in ("cuda_time_total", "cpu_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="W720")
@@ -72,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-overlap", action="store_true", help="fetch first, then one attention call")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-backward", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print rank 0's profile of two sparse-CP forwards")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -125,6 +139,8 @@ def main(argv=None) -> int:
         ms = _time(lambda: cp(qs, ks, vs), args.iters, args.warmup, world)
         record("total", "sparse_cp", world, ms, bsa_ext.last_backend("forward"), bytes_received=fwd_bytes,
                dense_ring_bytes=ring, overlap=overlap, **{f"bytes_{key}": val for key, val in received.items()})
+        if args.profile:
+            _profile(lambda: cp(qs, ks, vs), rank)
         if not args.skip_backward:
             qg, kg, vg = (x.detach().requires_grad_() for x in (qs, ks, vs))
             bstats: dict = {}

@@ -45,8 +45,9 @@ from ..layout import ChunkGeometry, as_shape3
 
 Shape = Sequence[int]
 
-# Fill of the K/V buffer where no chunk was fetched; tests set NaN to prove it is never read.
-_BUFFER_FILL = 0.0
+# Fill of the K/V buffer where no chunk was fetched. None leaves it unwritten (the kernels read
+# only fetched and own chunks); the tests set NaN to prove that nothing else is read.
+_BUFFER_FILL: Optional[float] = None
 
 
 # ---------------------------------------------------------------- sharding
@@ -266,23 +267,41 @@ def _plan(indices, counts, shards_k: ChunkShards, rank, world, group, stats) -> 
     )
 
 
+def _flat_rows(x: torch.Tensor, at) -> torch.Tensor:
+    """Row numbers of the (b, h, token) triple ``at`` in ``x.view(-1, D)`` (x contiguous)."""
+    b, h, t = at
+    return (b * x.shape[1] + h) * x.shape[2] + t
+
+
+def _gather_rows(x: torch.Tensor, at) -> torch.Tensor:
+    # One index_select over flat rows: several times faster than three-tensor advanced indexing.
+    if x.is_contiguous():
+        return x.view(-1, x.shape[-1]).index_select(0, _flat_rows(x, at))
+    return x[at]
+
+
 def _pack(k, v, at) -> torch.Tensor:
     """``[rows, 2, D]``: the K and V rows at ``at`` (a (b, h, token) triple)."""
-    return torch.stack([k[at], v[at]], dim=1)
+    return torch.stack([_gather_rows(k, at), _gather_rows(v, at)], dim=1)
 
 
 def _buffers(k, v, shards_k: ChunkShards, rank, plan: _Plan, kv_recv, own: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Global-length K/V holding the fetched chunks (and this rank's shard if ``own``) at their positions."""
     B, H, _, D = k.shape
     shape = (B, H, shards_k.geom.seq_len, D)
-    kbuf = torch.full(shape, _BUFFER_FILL, dtype=k.dtype, device=k.device)
-    vbuf = torch.full(shape, _BUFFER_FILL, dtype=v.dtype, device=v.device)
+    if _BUFFER_FILL is None:
+        kbuf = torch.empty(shape, dtype=k.dtype, device=k.device)
+        vbuf = torch.empty(shape, dtype=v.dtype, device=v.device)
+    else:
+        kbuf = torch.full(shape, _BUFFER_FILL, dtype=k.dtype, device=k.device)
+        vbuf = torch.full(shape, _BUFFER_FILL, dtype=v.dtype, device=v.device)
     if own:
         s0, s1 = shards_k.token_range(rank)
         kbuf[:, :, s0:s1] = k
         vbuf[:, :, s0:s1] = v
-    kbuf.index_put_(plan.recv_at, kv_recv[:, 0])
-    vbuf.index_put_(plan.recv_at, kv_recv[:, 1])
+    rows = _flat_rows(kbuf, plan.recv_at)
+    kbuf.view(-1, D).index_copy_(0, rows, kv_recv[:, 0])
+    vbuf.view(-1, D).index_copy_(0, rows, kv_recv[:, 1])
     return kbuf, vbuf
 
 
@@ -294,10 +313,12 @@ def _split_lists(indices, counts, lo: int, hi: int):
     remote = ~own & live
     out = []
     for mask, shift in ((own, lo), (remote, 0)):
-        # A stable sort moves the kept entries to the front, in their original order.
-        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
-        ids = torch.gather(indices, -1, order) - shift
-        out.append((ids.to(torch.int32).contiguous(), mask.sum(-1).to(torch.int32)))
+        # Kept entries move to the front in their original order (a prefix count gives each its
+        # slot; the others all land in a spare last column that is dropped). No sort needed.
+        slot = torch.where(mask, torch.cumsum(mask, dim=-1) - 1, kmax)
+        ids = torch.full((*indices.shape[:-1], kmax + 1), -1, dtype=torch.int32, device=indices.device)
+        ids.scatter_(-1, slot, (indices - shift).to(torch.int32))
+        out.append((ids[..., :kmax].contiguous(), mask.sum(-1).to(torch.int32)))
     return out
 
 
