@@ -12,18 +12,15 @@ import triton.testing
 
 import bsa_ext  # noqa: F401  (loads the kernels)
 from bsa_ext.layout import ChunkGeometry, selection_width, topk_count
+from bsa_ext.workloads import WORKLOADS
 
-WORKLOADS = {
-    "W720s": ((24, 44, 80), (4, 4, 4), 0.9375, None),
-    "W720": ((48, 44, 80), (4, 4, 4), 0.9375, None),
-    "W720s-cdf": ((24, 44, 80), (4, 4, 4), 0.875, 0.98),
-    "W720s-c128": ((24, 44, 80), (4, 4, 8), 0.875, None),
-}
+NAMES = ("W720s", "W720", "W720s-cdf", "W720s-c128")  # the SPEC workloads with a forward-only selection
 
 
 def make_call(name, H=32, D=128):
-    latent, chunk, sparsity, cdf = WORKLOADS[name]
-    g = ChunkGeometry(latent, chunk)
+    w = WORKLOADS[name]
+    sparsity, cdf = w.sparsity, w.cdf_threshold
+    g = ChunkGeometry(w.latent, w.chunk)
     qkv = torch.randn(1, g.seq_len, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k = qkv[:, :, 0].permute(0, 2, 1, 3), qkv[:, :, 1].permute(0, 2, 1, 3)
     topk, width = topk_count(g.num_blocks, sparsity), selection_width(g.num_blocks, sparsity, cdf, None)
@@ -37,7 +34,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
-    for name in WORKLOADS:
+    for name in NAMES:
         call = make_call(name)
         call()
         torch.cuda.synchronize()

@@ -15,13 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bsa_ext  # noqa: F401
 from bsa_ext.layout import ChunkGeometry, topk_count
-
-WORKLOADS = {  # latent, chunk, sparsity, cdf threshold
-    "W720s": ((24, 44, 80), (4, 4, 4), 0.9375, None),
-    "W720": ((48, 44, 80), (4, 4, 4), 0.9375, None),
-    "W720s-c128": ((24, 44, 80), (4, 4, 8), 0.875, None),
-    "W720s-cdf": ((24, 44, 80), (4, 4, 4), 0.875, 0.98),
-}
+from bsa_ext.workloads import WORKLOADS
 
 
 def bench(fn, reps=50):
@@ -33,8 +27,9 @@ def main(names):
     out_path = os.path.join(os.environ["OUT"], "timings.jsonl") if os.environ.get("OUT") else None
     rows = []
     for name in names:
-        latent, chunk, sparsity, cdf = WORKLOADS[name]
-        g = ChunkGeometry(latent, chunk)
+        w = WORKLOADS[name]
+        sparsity, cdf = w.sparsity, w.cdf_threshold
+        g = ChunkGeometry(w.latent, w.chunk)
         B, H, D, S = 1, 32, 128, g.seq_len
         qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16)
         q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
