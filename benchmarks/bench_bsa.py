@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
-import re
-import subprocess
 import sys
 
 import torch
@@ -25,19 +22,10 @@ import torch.nn.functional as F
 import bsa_ext
 from bsa_ext.layout import ChunkGeometry, attention_flops
 from bsa_ext.ops import resolve_backend
-from bsa_ext.workloads import WORKLOADS, make_inputs
+from bsa_ext.workloads import WORKLOADS, append_results, make_inputs, measured_commit
 
 BSA_IMPLS = ("cuda", "triton")
 DENSE_IMPLS = ("dense_cudnn", "dense_flash")
-
-
-def _commit() -> str:
-    if os.environ.get("BSA_COMMIT"):
-        return os.environ["BSA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], stderr=subprocess.DEVNULL, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _bench(fn) -> float:
@@ -158,18 +146,14 @@ def main(argv=None) -> int:
         print("bench_bsa: needs a CUDA GPU (the numbers are meaningless on a CPU)", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name()
-    meta = dict(gpu=gpu, torch=torch.__version__, commit=_commit(), date=datetime.date.today().isoformat(), world_size=1)
+    meta = dict(gpu=gpu, torch=torch.__version__, commit=measured_commit(), date=datetime.date.today().isoformat(), world_size=1)
     impls = args.impls.split(",")
     rows, densities = [], {}
     for name in args.workloads.split(","):
         w = WORKLOADS[name]
         densities[name] = bench_workload(dataclasses.replace(w, backward=True) if args.backward else w, impls, rows, meta)
         torch.cuda.empty_cache()
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", gpu) + ".jsonl")
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    path = append_results(rows, args.out_dir, gpu)
     print(f"GPU: {gpu}; results appended to {path}")
     print_table(rows, densities)
     return 0

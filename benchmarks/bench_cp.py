@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import re
 import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bsa_ext  # noqa: E402
-from bench_bsa import _commit  # noqa: E402
-from bsa_ext.distributed import ChunkShards, dense_ring_bytes, sparse_cp_flash_attn_bsa_3d  # noqa: E402
-from bsa_ext.layout import ChunkGeometry, attention_flops, topk_count  # noqa: E402
-from bsa_ext.workloads import WORKLOADS, make_inputs  # noqa: E402
+import bsa_ext
+from bsa_ext.distributed import ChunkShards, dense_ring_bytes, sparse_cp_flash_attn_bsa_3d
+from bsa_ext.layout import ChunkGeometry, attention_flops, topk_count
+from bsa_ext.workloads import WORKLOADS, append_results, make_inputs, measured_commit
 
 
 def _time(fn, iters: int, warmup: int, world: int) -> float:
@@ -98,7 +93,7 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     w = WORKLOADS[args.workload]
     gpu = torch.cuda.get_device_name()
-    meta = dict(gpu=gpu, torch=torch.__version__, commit=_commit(), date=datetime.date.today().isoformat())
+    meta = dict(gpu=gpu, torch=torch.__version__, commit=measured_commit(), date=datetime.date.today().isoformat())
     geom = ChunkGeometry(w.latent, w.chunk)
     keys = topk_count(geom.num_blocks, w.sparsity) * geom.capacity if w.cdf_threshold is None else None
     flops = attention_flops(w.batch, w.heads, geom.seq_len, keys, w.head_dim) if keys else None
@@ -150,11 +145,7 @@ def main(argv=None) -> int:
             record("fwd_bwd", "sparse_cp", world, _time(fb, args.iters, args.warmup, world), bsa_ext.last_backend("backward"),
                    bytes_received=fwd_bytes + grad_bytes, dense_ring_bytes=2 * ring, overlap=overlap)
     if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", gpu) + ".jsonl")
-        with open(path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        path = append_results(rows, args.out_dir, gpu)
         print(f"GPU: {gpu} x {world}; results appended to {path}")
         single = {r["op"]: r["ms"] for r in rows if r["path"] == "single"}
         print(f"\n{'workload':10s}{'op':9s}{'path':11s}{'GPUs':>5s}{'ms':>10s}{'speedup':>9s}{'MB recv':>10s}{'x ring':>8s}")

@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 from . import interface
 from .layout import ChunkGeometry
-from .workloads import video_like_qkv
+from .workloads import measured_commit, video_like_qkv
 from .presets import get_preset, preset_names, validate_bsa_params
 
 DOCS_BEGIN = "<!-- bench:begin -->"
@@ -119,19 +118,6 @@ def mass_kept(q, k, indices, counts, geom_q: ChunkGeometry, geom_k: ChunkGeometr
     return sum(masses) / len(masses)
 
 
-def _git_commit() -> str:
-    """The commit measured: env ``BSA_COMMIT`` when set (a copied tree's git may be stale), else git."""
-    if os.environ.get("BSA_COMMIT"):
-        return os.environ["BSA_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def study(args) -> Dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     tiny = device.type == "cpu"
@@ -199,7 +185,7 @@ def study(args) -> Dict[str, Any]:
     return {
         "gpu": gpu,
         "torch": torch.__version__,
-        "commit": _git_commit(),
+        "commit": measured_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": str(dtype).replace("torch.", ""),
         "heads": heads,

@@ -9,8 +9,12 @@ video latent, and block scores peak around each query block's neighbours.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +74,27 @@ def video_like_qkv(batch, heads, latent, head_dim, dtype, device, seed=0, field=
 
 def make_inputs(w: Workload, dtype=torch.bfloat16, device="cuda", seed=0):
     return video_like_qkv(w.batch, w.heads, w.latent, w.head_dim, dtype, device, seed)
+
+
+def measured_commit() -> str:
+    """The commit a measurement ran: env ``BSA_COMMIT`` when set (a copied tree's git may
+    name an older one), else git's short HEAD of this checkout, else ``"unknown"``."""
+    if os.environ.get("BSA_COMMIT"):
+        return os.environ["BSA_COMMIT"]
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_results(rows: List[Dict], out_dir: str, gpu: str) -> str:
+    """Appends ``rows`` as JSON lines to ``out_dir/<gpu>.jsonl`` (SPEC §6); returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", gpu) + ".jsonl")
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
