@@ -1,8 +1,10 @@
 """Per-kernel GPU time of the CUDA backward at T16-train (or another SPEC workload).
 
     python tools/device/profile_bwd.py [T16-train] [--sm80]
+    ncu --kernel-name regex:"^(dq_kernel|dkdv_kernel)$" python tools/device/profile_bwd.py --no-profile
 Runs select + forward once, then profiles five backward calls and prints the CUDA time per
-kernel (inverse index, delta, dq, dk/dv) averaged per call.
+kernel (inverse index, delta, dq, dk/dv) averaged per call. ``--no-profile`` stops after two
+plain backward calls: a target for ncu, whose profiling and torch's cannot share CUPTI.
 """
 
 import os
@@ -32,6 +34,8 @@ def main(argv):
     for _ in range(2):
         bwd()
     torch.cuda.synchronize()
+    if "--no-profile" in argv:
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             bwd()
