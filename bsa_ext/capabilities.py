@@ -121,8 +121,8 @@ def not_supported_reasons(
     head_dim: int,
     capacities: Tuple[int, ...],
     num_key_blocks: int,
-    explicit: bool = True,
     num_query_blocks: int = 0,
+    explicit: bool = True,
 ) -> List[str]:
     """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
     reason = backend_unavailable_reason(backend, op, device, explicit)

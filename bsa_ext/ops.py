@@ -37,15 +37,15 @@ def last_backend(op: str = "forward") -> Optional[str]:
 def resolve_backend(requested: str, op: str, x: torch.Tensor, geom_q: ChunkGeometry, geom_k: ChunkGeometry) -> str:
     """The backend that will run ``op``; raises when an explicit choice cannot."""
     requested = _validate.backend_name(requested, os.environ.get("BSA_BACKEND"))
-    args = (op, x.device, x.dtype, x.shape[-1], (geom_q.capacity, geom_k.capacity), geom_k.num_blocks)
+    args = (op, x.device, x.dtype, x.shape[-1], (geom_q.capacity, geom_k.capacity), geom_k.num_blocks, geom_q.num_blocks)
     if requested != "auto":
-        reasons = not_supported_reasons(requested, *args, num_query_blocks=geom_q.num_blocks)
+        reasons = not_supported_reasons(requested, *args)
         if reasons:
             raise BackendUnavailableError(f"backend {requested!r} cannot run bsa {op}: {'; '.join(reasons)}")
         return requested
     tried: List[str] = []
     for name in BACKENDS:
-        reasons = not_supported_reasons(name, *args, explicit=False, num_query_blocks=geom_q.num_blocks)
+        reasons = not_supported_reasons(name, *args, explicit=False)
         if not reasons:
             return name
         tried.append(f"{name}: {'; '.join(reasons)}")
