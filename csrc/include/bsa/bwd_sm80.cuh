@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
   const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
   const int32_t* ids = p.indices + row_id * p.kmax;
-  int count = p.counts[row_id];
-  count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+  int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   __syncthreads();

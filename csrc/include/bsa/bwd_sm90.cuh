@@ -119,8 +119,7 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
   const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
   const int32_t* ids = p.indices + row_id * p.kmax;
-  int count = p.counts[row_id];
-  count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+  int count = clamped_count(p.counts, row_id, p.kmax);
   // Out-of-range ids load block 0 (finite data) and are masked to P = 0.
   auto clamp_id = [nk](int id) { return id >= 0 && id < nk ? id : 0; };
 

@@ -222,8 +222,7 @@ __global__ void __launch_bounds__(384, 1)
     if (qb < nq) {
       const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
       const int32_t* ids = p.indices + row_id * p.kmax;
-      int count = p.counts[row_id];
-      count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+      int count = clamped_count(p.counts, row_id, p.kmax);
       for (int i = lane; i < count; i += 32) valid += static_cast<unsigned>(ids[i]) < static_cast<unsigned>(nk);
       valid = __reduce_add_sync(0xffffffff, valid);
     }
@@ -259,8 +258,7 @@ __global__ void __launch_bounds__(384, 1)
 
     const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
     const int32_t* ids = p.indices + row_id * p.kmax;
-    int count = p.counts[row_id];
-    count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+    int count = clamped_count(p.counts, row_id, p.kmax);
     int n = 0;  // valid blocks issued so far
     int id = count > 0 ? ids[0] : -1;
     for (int i = 0; i < count; ++i) {
@@ -332,8 +330,7 @@ __global__ void __launch_bounds__(384, 1)
   // outside [0, Nk) as it does), so stage n always holds their n-th valid block.
   const int64_t list_row = static_cast<int64_t>(bh) * nq + qb;
   const int32_t* list = p.indices + list_row * p.kmax;
-  int list_len = p.counts[list_row];
-  list_len = list_len < 0 ? 0 : (list_len > p.kmax ? p.kmax : list_len);
+  int list_len = clamped_count(p.counts, list_row, p.kmax);
   int cursor = 0;
   auto next_valid = [&]() {
     while (cursor < list_len) {

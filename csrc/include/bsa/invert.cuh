@@ -24,8 +24,7 @@ constexpr int kScanThreads = 1024;
 // The key block named by entry i of row `row`, or -1 when the entry does not count.
 __device__ __forceinline__ int live_key(const InvertParams& p, int row, int i) {
   const int q = i / p.kmax, j = i % p.kmax;
-  int count = p.counts[static_cast<int64_t>(row) * p.nq + q];
-  count = count < 0 ? 0 : (count > p.kmax ? p.kmax : count);
+  int count = clamped_count(p.counts, static_cast<int64_t>(row) * p.nq + q, p.kmax);
   if (j >= count) return -1;
   const int id = p.indices[static_cast<int64_t>(row) * p.nq * p.kmax + i];
   return id >= 0 && id < p.nk ? id : -1;

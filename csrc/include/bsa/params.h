@@ -38,6 +38,12 @@ __device__ inline void init_row_tables(RowCoord* q_rows, RowCoord* k_rows, const
   for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(gk, r);
 }
 
+// A block list's count from a user tensor, clamped to [0, width]: entries past it are never read.
+__host__ __device__ inline int clamped_count(const int32_t* counts, int64_t row, int width) {
+  const int n = counts[row];
+  return n < 0 ? 0 : (n > width ? width : n);
+}
+
 // First element of head (b, h) of a [B, H, S, D] view given by its element strides.
 template <typename Element>
 __host__ __device__ inline const Element* head_base(const void* x, int64_t batch_stride, int64_t head_stride, int b, int h) {
