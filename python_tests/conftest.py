@@ -25,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_seed(request):
     # Fresh inputs per test, but reproducible from the test id when a failure is reported.
     torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+@pytest.fixture(params=["sm90", "sm80"])
+def kernel_family(request, monkeypatch):
+    """Runs a CUDA test on both kernel families where the GPU has both (the binding reads
+    BSA_DISABLE_SM90 at each call); on other GPUs only the sm80 family exists. Opt in with
+    ``pytest.mark.usefixtures("kernel_family")``."""
+    if request.param == "sm90":
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the sm90 family needs an sm_90 GPU")
+        monkeypatch.delenv("BSA_DISABLE_SM90", raising=False)
+    else:
+        monkeypatch.setenv("BSA_DISABLE_SM90", "1")
+    return request.param

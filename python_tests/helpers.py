@@ -70,3 +70,12 @@ def geom(latent, chunk):
 __all__ = [
     "assert_close_rule", "make_qkv", "random_blocks", "dense_attention", "low_precision_attention", "geom", "reference",
 ]
+
+
+# Chunk shapes giving block capacities 64 and 128.
+CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
+
+
+def odd_geoms(cap_q, cap_k):
+    """Non-divisible latents, Sq != Sk, chunk shapes of the given capacities for q and k."""
+    return geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])

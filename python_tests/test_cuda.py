@@ -14,7 +14,7 @@ import torch
 from bsa_ext import _library, reference
 from bsa_ext.layout import selection_width, topk_count
 
-from helpers import assert_close_rule, dense_attention, geom, make_qkv, random_blocks
+from helpers import CAP_CHUNKS, assert_close_rule, dense_attention, geom, make_qkv, odd_geoms, random_blocks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,12 +24,8 @@ pytestmark = [
     ),
 ]
 
-# (latent_q, chunk_q, latent_k, chunk_k): non-divisible latents, Sq != Sk, chunks differ.
-CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
-
-
-def _geoms(cap_q, cap_k):
-    return geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
+# Forward tests run on both kernel families where the GPU has both (conftest's kernel_family).
+both_families = pytest.mark.usefixtures("kernel_family")
 
 
 def _poison(*shapes_dtypes):
@@ -71,29 +67,35 @@ def _check_forward(q, k, v, indices, counts, gq, gk, sm_scale):
 
 
 # ------------------------------------------------------------------ forward
+@both_families
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
 @pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
 def test_forward_matches_reference(dtype, D, cap_q, cap_k, scale):
-    gq, gk = _geoms(cap_q, cap_k)
+    gq, gk = odd_geoms(cap_q, cap_k)
     B, H = 2, 2
     q, k, v = make_qkv(B, H, gq.seq_len, gk.seq_len, D, dtype, "cuda", scale=scale)
     indices, counts = random_blocks(B, H, gq.num_blocks, gk.num_blocks, min(5, gk.num_blocks), "cuda")
     _check_forward(q, k, v, indices, counts, gq, gk, D**-0.5)
 
 
+@both_families
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_forward_strided_views_of_fused_qkv_and_custom_scale(dtype):
-    gq = gk = geom((6, 9, 11), (4, 4, 4))
+@pytest.mark.parametrize("cap", [64, 128])
+def test_forward_strided_views_of_fused_qkv_and_custom_scale(dtype, cap):
+    # Batch stride != heads * head stride: the sm90 path encodes one tensor map per batch element.
+    gq = gk = geom((6, 9, 11), CAP_CHUNKS[cap])
     q, k, v = make_qkv(2, 3, gq.seq_len, gk.seq_len, 128, dtype, "cuda", scale=4.0, fused=True)
     assert not q.is_contiguous() and q.stride(-1) == 1
     indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 4, "cuda", min_count=1)
     _check_forward(q, k, v, indices, counts, gq, gk, 0.05)
 
 
-def test_forward_zero_counts():
-    gq, gk = _geoms(64, 128)
+@both_families
+@pytest.mark.parametrize("cap_q", [64, 128])
+def test_forward_zero_counts(cap_q):
+    gq, gk = odd_geoms(cap_q, 128)
     q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.bfloat16, "cuda")
     indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 3, "cuda", min_count=1)
     counts[0, 0, ::2] = 0
@@ -105,9 +107,10 @@ def test_forward_zero_counts():
     assert torch.all(out[0, 1] == 0) and torch.all(lse[0, 1] == -math.inf)
 
 
-@pytest.mark.parametrize("cap_k", [64, 128])
-def test_forward_garbage_ids_are_skipped(cap_k):
-    gq, gk = _geoms(64, cap_k)
+@both_families
+@pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
+def test_forward_garbage_ids_are_skipped(cap_q, cap_k):
+    gq, gk = odd_geoms(cap_q, cap_k)
     nk = gk.num_blocks
     q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.float16, "cuda", scale=2.0)
     pattern = torch.tensor([-5, 1, nk, 10**6, 0, -(2**31), 2**31 - 1, nk - 1], dtype=torch.int32, device="cuda")
@@ -124,12 +127,13 @@ def test_forward_garbage_ids_are_skipped(cap_k):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
 
 
+@both_families
 def test_forward_matches_triton_path():
     from bsa_ext import triton as bsa_triton
 
     if bsa_triton.AVAILABLE_REASON is not None:
         pytest.skip(bsa_triton.AVAILABLE_REASON)
-    gq, gk = _geoms(64, 128)
+    gq, gk = odd_geoms(64, 128)
     q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
     indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 4, "cuda", min_count=1)
     out, lse = cuda_forward(q, k, v, indices, counts, gq, gk, 128**-0.5)
@@ -242,12 +246,14 @@ def test_selection_key_block_counts_across_kernel_variants(nk, sparsity, cdf):
 
 @pytest.mark.parametrize("nk", [200, 1300, 2700])
 @pytest.mark.parametrize("sparsity,cdf", [(0.75, None), (0.99, None), (None, 0.5), (0.5, 0.9)])
-def test_selection_exact_ties_go_to_smaller_ids(nk, sparsity, cdf):
-    # Key blocks repeat three patterns, so scores tie exactly and selection must match the reference.
+@pytest.mark.parametrize("n_patterns", [3, 60])
+def test_selection_exact_ties_go_to_smaller_ids(nk, sparsity, cdf, n_patterns):
+    # Key blocks repeat a few patterns, so scores tie exactly and selection must match the
+    # reference: 3 patterns put hundreds of equal keys at the boundary, 60 a few dozen.
     gq, gk = geom((4, 8, 8), (4, 4, 4)), geom((1, 1, 4 * nk), (1, 1, 4))
     q = torch.randn(1, 2, gq.seq_len, 64, device="cuda").to(torch.float16)
-    patterns = torch.randn(1, 2, 3, 4, 64, device="cuda").to(torch.float16)
-    which = torch.randint(0, 3, (nk,), device="cuda")
+    patterns = torch.randn(1, 2, n_patterns, 4, 64, device="cuda").to(torch.float16)
+    which = torch.randint(0, n_patterns, (nk,), device="cuda")
     k = patterns[:, :, which].reshape(1, 2, 4 * nk, 64)
     indices, counts = cuda_select(q, k, gq, gk, sparsity, cdf, None)
     ref_idx, ref_cnt = reference.select_blocks(q, k, gq, gk, sparsity, cdf, None)
@@ -258,6 +264,22 @@ def test_selection_exact_ties_go_to_smaller_ids(nk, sparsity, cdf):
             got = indices.view(-1, indices.shape[-1])[row, :n]
             want = ref_idx.view(-1, ref_idx.shape[-1])[row, :n_ref].sort().values
             assert torch.equal(got, want), f"row {row}"
+
+
+@pytest.mark.parametrize("nk", [300, 1300])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_selection_non_finite_scores_stay_in_range(nk, bad):
+    # A non-finite key block makes a row's score range non-finite: the choosers must still
+    # return the requested count of distinct, in-range, ascending ids.
+    gq, gk = geom((4, 8, 8), (4, 4, 4)), geom((1, 1, 4 * nk), (1, 1, 4))
+    q = torch.randn(1, 2, gq.seq_len, 64, device="cuda").to(torch.float16)
+    k = torch.randn(1, 2, gk.seq_len, 64, device="cuda").to(torch.float16)
+    k[:, :, 40:44] = bad
+    indices, counts = cuda_select(q, k, gq, gk, 0.9, None, None)
+    K = topk_count(nk, 0.9)
+    assert torch.all(counts == K)
+    assert torch.all((indices >= 0) & (indices < nk))
+    assert torch.all(indices[..., 1:] > indices[..., :-1])
 
 
 @pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])

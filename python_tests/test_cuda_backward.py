@@ -17,35 +17,17 @@ from bsa_ext import _library, reference
 from bsa_ext.layout import selection_width, topk_count
 from bsa_ext.workloads import video_like_qkv
 
-from helpers import assert_close_rule, geom, low_precision_attention, make_qkv, random_blocks
+from helpers import assert_close_rule, geom, low_precision_attention, make_qkv, odd_geoms, random_blocks
 
+# Every test runs on both kernel families where the GPU has both (conftest's kernel_family).
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.usefixtures("kernel_family"),
     pytest.mark.skipif(
         not torch.cuda.is_available() or not _library.has_cuda_kernel("cuda_backward"),
         reason=f"no CUDA backward: {_library.CUDA_LOAD_ERROR or 'no GPU or kernel not built'}",
     ),
 ]
-
-CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
-
-
-@pytest.fixture(autouse=True, params=["sm90", "sm80"])
-def kernel_family(request, monkeypatch):
-    """Every test runs on both kernel families where the GPU has both (the binding reads
-    BSA_DISABLE_SM90 at each call); on other GPUs only the sm80 family exists."""
-    if request.param == "sm90":
-        if torch.cuda.get_device_capability()[0] != 9:
-            pytest.skip("the sm90 family needs an sm_90 GPU")
-        monkeypatch.delenv("BSA_DISABLE_SM90", raising=False)
-    else:
-        monkeypatch.setenv("BSA_DISABLE_SM90", "1")
-    return request.param
-
-
-def _geoms(cap_q, cap_k):
-    # Non-divisible latents, Sq != Sk, different chunk shapes for q and k.
-    return geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
 
 
 def _poison(*tensors_like):
@@ -87,7 +69,7 @@ def _check(q, k, v, indices, counts, gq, gk, sm_scale, dout=None):
 @pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
 @pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
 def test_backward_matches_reference(dtype, D, cap_q, cap_k, scale):
-    gq, gk = _geoms(cap_q, cap_k)
+    gq, gk = odd_geoms(cap_q, cap_k)
     q, k, v = make_qkv(2, 2, gq.seq_len, gk.seq_len, D, dtype, "cuda", scale=scale)
     indices, counts = random_blocks(2, 2, gq.num_blocks, gk.num_blocks, min(5, gk.num_blocks), "cuda")
     counts[0, 0, :3] = 0  # rows without keys: zero dq, and no gradient to any key block
@@ -136,7 +118,7 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("cap_k", [64, 128])
 def test_backward_garbage_ids_and_counts(cap_k):
-    gq, gk = _geoms(64, cap_k)
+    gq, gk = odd_geoms(64, cap_k)
     nk = gk.num_blocks
     q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.float16, "cuda", scale=2.0)
     # Out-of-range ids are skipped; a repeated id counts twice, as in the forward.
@@ -207,7 +189,7 @@ def test_backward_matches_triton_path():
 
     if bsa_triton.AVAILABLE_REASON is not None:
         pytest.skip(bsa_triton.AVAILABLE_REASON)
-    gq, gk = _geoms(128, 64)
+    gq, gk = odd_geoms(128, 64)
     q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
     indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 4, "cuda", min_count=1)
     dout = torch.randn_like(q)

@@ -5,7 +5,6 @@ On an sm_90 GPU ``torch.ops.bsa.cuda_forward`` runs the wgmma/TMA kernel; env
 comparisons here. Marked ``sm90``: conftest skips these without an sm_90 GPU.
 """
 
-import math
 import os
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from bsa_ext import _library, reference
 
-from helpers import assert_close_rule, dense_attention, geom, make_qkv, random_blocks
+from helpers import CAP_CHUNKS, assert_close_rule, dense_attention, geom, make_qkv, odd_geoms, random_blocks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,9 +22,6 @@ pytestmark = [
         reason=f"no CUDA kernels: {_library.CUDA_LOAD_ERROR or 'no GPU'}",
     ),
 ]
-
-CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
-
 
 def _poison(*shapes_dtypes):
     """Leave NaN in the cached blocks the binding's next allocations will reuse."""
@@ -91,17 +87,6 @@ def test_sm90_matches_reference_and_sm80(dtype, D, cap_q, cap_k, scale):
     _check(q, k, v, indices, counts, gq, gk, D**-0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cap", [64, 128])
-def test_sm90_strided_views_of_fused_qkv(dtype, cap):
-    # Batch stride != heads * head stride: one tensor map (and launch) per batch element.
-    gq = gk = geom((6, 9, 11), CAP_CHUNKS[cap])
-    q, k, v = make_qkv(2, 3, gq.seq_len, gk.seq_len, 128, dtype, "cuda", scale=4.0, fused=True)
-    assert not q.is_contiguous() and q.stride(-1) == 1
-    indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 6, "cuda", min_count=1)
-    _check(q, k, v, indices, counts, gq, gk, 0.05)
-
-
 def test_sm90_single_head_and_batch():
     gq, gk = geom((8, 12, 20), (4, 4, 4)), geom((8, 12, 20), (4, 4, 8))
     q, k, v = make_qkv(1, 1, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0)
@@ -109,39 +94,11 @@ def test_sm90_single_head_and_batch():
     _check(q, k, v, indices, counts, gq, gk, 128**-0.5)
 
 
-@pytest.mark.parametrize("cap_q", [64, 128])
-def test_sm90_zero_counts(cap_q):
-    gq, gk = geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), (4, 4, 8))
-    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.bfloat16, "cuda")
-    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 3, "cuda", min_count=1)
-    counts[0, 0, ::2] = 0
-    counts[0, 1] = 0
-    out, lse = _check(q, k, v, indices, counts, gq, gk, 0.125)
-    rows = gq.token_index("cuda")[0::2].flatten()
-    rows = rows[rows >= 0]
-    assert torch.all(out[0, 0, rows] == 0) and torch.all(lse[0, 0, rows] == -math.inf)
-    assert torch.all(out[0, 1] == 0) and torch.all(lse[0, 1] == -math.inf)
-
-
-@pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
-def test_sm90_garbage_ids_are_skipped(cap_q, cap_k):
-    gq, gk = geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
-    nk = gk.num_blocks
-    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.float16, "cuda", scale=2.0)
-    pattern = torch.tensor([-5, 1, nk, 10**6, 0, -(2**31), 2**31 - 1, nk - 1], dtype=torch.int32, device="cuda")
-    indices = pattern.expand(1, 2, gq.num_blocks, pattern.numel()).contiguous()
-    counts = torch.randint(1, pattern.numel() + 1, (1, 2, gq.num_blocks), dtype=torch.int32, device="cuda")
-    counts[0, 0, 0] = 1  # only -5: no valid block at all
-    counts[0, 1, 1] = 10**6  # past Kmax: clamped to the row
-    counts[0, 1, 2] = -7  # negative: nothing
-    _check(q, k, v, indices, counts, gq, gk, 0.125)
-
-
 @pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128)])
 def test_sm90_shared_key_blocks_of_neighbouring_queries(cap_q, cap_k):
     # A CTA merges the lists of query blocks 2i and 2i+1 and loads a shared key block once:
     # sorted lists (as selection writes them) with identical, overlapping and disjoint rows.
-    gq, gk = geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
+    gq, gk = odd_geoms(cap_q, cap_k)
     nq, nk = gq.num_blocks, gk.num_blocks
     indices, counts = random_blocks(1, 2, nq, nk, min(8, nk), "cuda", min_count=1)
     indices = indices.sort(-1).values.contiguous()

@@ -154,3 +154,19 @@ def test_capability_limits_on_block_counts_are_reasons(monkeypatch):
                 if "blocks" in r]
     reasons = capabilities.not_supported_reasons("cuda", "select", *args, cap_k + 1)
     assert f"{cap_k + 1} key blocks > {cap_k}" in reasons
+
+
+def test_backward_query_block_limit_matches_the_kernel_header():
+    """capabilities.py restates api.h's kInvertMaxQueryBlocks (errors, auto and `info` read the
+    table without loading the library); the two statements must agree."""
+    import math
+    import pathlib
+    import re
+
+    from bsa_ext import capabilities
+
+    header = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "include" / "bsa" / "api.h"
+    found = re.search(r"kInvertMaxQueryBlocks\s*=\s*([0-9 *]+);", header.read_text())
+    assert found, "kInvertMaxQueryBlocks not found in api.h"
+    limit = math.prod(int(x) for x in found.group(1).split("*"))
+    assert capabilities.CAPABILITIES[("cuda", "backward")].max_query_blocks == limit

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bsa_ext import reference
-from bsa_ext.layout import ChunkGeometry, selection_width, topk_count
+from bsa_ext.layout import selection_width, topk_count
 
 from helpers import dense_attention, geom, random_blocks
 
