@@ -2,9 +2,10 @@
 //   1. pool_kernel: mean of the valid tokens of every q and k block, read in place from
 //      the THW tensors with 16-byte loads, fp32 sums, into [B, H, N, D] fp32 workspaces;
 //   2. score_kernel: s = q_pooled . k_pooled^T, fp32-accurate on tensor cores (3xTF32);
-//   3. choose_warp_kernel (one warp per query block; short rows and cdf mode) or
-//      choose_kernel (one CTA per query block; long top-k rows) finds the cdf count and
-//      the exact top-k by bisection over order-preserving uint32 keys, ties to the smaller id.
+//   3. one chooser finds the cdf count and the exact top-k over order-preserving uint32 keys,
+//      ties to the smaller id: choose_warp_kernel (a warp per query block, keys in registers:
+//      short rows and cdf rows up to 4096), choose_row_kernel (a warp per query block, keys in
+//      shared memory: top-k rows up to 1408) or choose_kernel (a CTA per query block: longer rows).
 // Written order: the chosen ids in ASCENDING block id (consecutive K/V blocks are then
 // near each other in memory, which helps L2 in the forward); entries past the count are -1.
 #pragma once
@@ -253,6 +254,31 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t (*scratch)[kC
   return total;
 }
 
+// Lane l owns bins 255-8l .. 248-8l; returns the bin holding `rank` (1 = largest key) and, in
+// `above`, the keys in the bins above it. Every lane gets the same answer.
+__device__ __forceinline__ int warp_pick_bin(const int* hist, int rank, int lane, int& above) {
+  int local[8], sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum += (local[i] = hist[255 - 8 * lane - i]);
+  int incl = sum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int t = __shfl_up_sync(0xffffffff, incl, off);
+    if (lane >= off) incl += t;
+  }
+  int acc = incl - sum, bin = -1;
+  if (acc < rank && rank <= incl) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (bin < 0 && acc + local[i] >= rank) bin = 255 - 8 * lane - i;
+      if (bin < 0) acc += local[i];
+    }
+  }
+  const int owner = __ffs(__ballot_sync(0xffffffff, bin >= 0)) - 1;
+  above = __shfl_sync(0xffffffff, acc, owner);
+  return __shfl_sync(0xffffffff, bin, owner);
+}
+
 template <int kHeadDim>
 __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const SelectParams p) {
   extern __shared__ uint32_t keys[];  // [nk] order-preserving keys of this row's scores
@@ -332,28 +358,9 @@ __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const SelectPara
       }
       __syncthreads();
       if (tid < 32) {
-        // Lane l owns bins 255-8l down to 248-8l; a scan over lanes finds the bin holding `rank`.
-        int local[8], sum = 0;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sum += (local[i] = hist[255 - 8 * tid - i]);
-        int incl = sum;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const int t = __shfl_up_sync(0xffffffff, incl, off);
-          if (tid >= off) incl += t;
-        }
-        int acc = incl - sum;
-        if (acc < rank && rank <= incl) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if (acc + local[i] >= rank) {
-              picked[0] = 255 - 8 * tid - i;
-              picked[1] = acc;
-              break;
-            }
-            acc += local[i];
-          }
-        }
+        int above;
+        const int digit = warp_pick_bin(hist, rank, tid, above);
+        if (tid == 0) picked[0] = digit, picked[1] = above;
       }
       __syncthreads();
       x |= static_cast<uint32_t>(picked[0]) << shift;
@@ -417,6 +424,19 @@ __device__ __forceinline__ int count_at_least(const uint32_t (&key)[kPerLane], u
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) c += key[i] >= x;
   return __reduce_add_sync(0xffffffff, c);
+}
+
+// One 32-id step of a warp chooser's write in ascending id order: `sure` ids are taken, `tie`
+// ids while fewer than need_eq ties have been taken (the smallest ids win).
+__device__ __forceinline__ void write_step(bool sure, bool tie, int j, int need_eq, int lane, int32_t* out,
+                                           int& written, int& eq_seen) {
+  const uint32_t lt_mask = (1u << lane) - 1u;
+  const uint32_t ties = __ballot_sync(0xffffffff, tie);
+  const bool take = sure || (tie && eq_seen + __popc(ties & lt_mask) < need_eq);
+  eq_seen += __popc(ties);
+  const uint32_t taken = __ballot_sync(0xffffffff, take);
+  if (take) out[written + __popc(taken & lt_mask)] = j;
+  written += __popc(taken);
 }
 
 template <int kPerLane>
@@ -512,7 +532,6 @@ __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const S
     const bool exact = c_lo == count;
     const int n_gt = exact ? count : (lo == 0xffffffffu ? 0 : count_at_least(key, lo + 1));
     const int need_eq = count - n_gt;
-    const uint32_t lt_mask = (1u << lane) - 1u;
     int written = 0, eq_seen = 0;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -521,12 +540,7 @@ __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const S
       const bool valid = j < nk;
       const bool sure = valid && (exact ? key[i] >= lo : key[i] > lo);
       const bool tie = valid && !exact && key[i] == lo;
-      const uint32_t ties = __ballot_sync(0xffffffff, tie);
-      const bool take = sure || (tie && eq_seen + __popc(ties & lt_mask) < need_eq);
-      eq_seen += __popc(ties);
-      const uint32_t taken = __ballot_sync(0xffffffff, take);
-      if (take) out[written + __popc(taken & lt_mask)] = j;
-      written += __popc(taken);
+      write_step(sure, tie, j, need_eq, lane, out, written, eq_seen);
     }
   }
   for (int j = count + lane; j < p.width; j += 32) out[j] = -1;
@@ -545,6 +559,121 @@ cudaError_t launch_choose_warp(const SelectParams& p, int rows, cudaStream_t str
   kernel<<<(rows + kWarpChooseWarps - 1) / kWarpChooseWarps, kWarpChooseThreads, smem, stream>>>(p, coef);
   return cudaGetLastError();
 }
+
+// Top-k rows of 769..1408 key blocks (too long for the register-resident warp chooser): one
+// warp per query block, the row's keys in shared memory. A CTA per row (choose_kernel) spent most of its issue slots on
+// per-warp overhead (barriers, block reductions) rather than on the keys: ncu on H100 showed it
+// issue-bound at 3.4 instructions per cycle. Here every step is warp-synchronous.
+// The count-th largest key x: a 256-bin histogram of the score VALUES over [min, max] (the bin
+// map is monotone, so bins above the one holding rank `count` hold only larger keys), then the
+// keys of that bin (few on real rows) ranked exactly against each other. Rows where the range
+// is not finite, or whose bin holds more than kRowCandidates keys, take an 8-bit radix select.
+constexpr int kRowWarps = 4;
+constexpr int kRowCandidates = 128;
+
+template <int kUnused = 0>  // a template only so that every translation unit may define it
+__global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const SelectParams p) {
+  extern __shared__ uint32_t row_smem[];  // per warp: keys [nk], hist [256], candidates
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp;
+  if (row >= static_cast<int64_t>(p.batch) * p.heads * nq) return;  // whole warps leave together
+  const int stride = (nk + 256 + kRowCandidates + 3) & ~3;
+  uint32_t* keys = row_smem + warp * stride;
+  int* hist = reinterpret_cast<int*>(keys + nk);
+  uint32_t* cand = keys + nk + 256;
+  const float* s = p.scores + row * nk;
+
+  uint32_t kmax = 0, kmin = 0xffffffffu;
+  for (int j = lane; j < nk; j += 32) {
+    const uint32_t k = order_key(__ldcs(s + j));
+    keys[j] = k;
+    kmax = max(kmax, k);
+    kmin = min(kmin, k);
+  }
+  kmax = __reduce_max_sync(0xffffffff, kmax);
+  kmin = __reduce_min_sync(0xffffffff, kmin);
+  const int count = max(min(min(p.topk, p.width), nk), 0);
+  int32_t* out = p.indices + row * p.width;
+
+  if (count > 0) {
+    uint32_t x = 0;
+    bool found = false;
+    const float vlo = key_value(kmin), vhi = key_value(kmax);
+    const float bins_per_unit = 256.f / (vhi - vlo);
+    if (isfinite(vlo) && isfinite(vhi) && vhi > vlo && isfinite(bins_per_unit)) {
+      auto bin_of = [&](uint32_t k) { return min(255, max(0, __float2int_rz((key_value(k) - vlo) * bins_per_unit))); };
+#pragma unroll
+      for (int i = 0; i < 8; ++i) hist[lane + 32 * i] = 0;
+      __syncwarp();
+      for (int j = lane; j < nk; j += 32) atomicAdd(&hist[bin_of(keys[j])], 1);
+      __syncwarp();
+      int above;
+      const int bin = warp_pick_bin(hist, count, lane, above);
+      const int rank = count - above;
+      // The bin's keys, compacted in id order by ballots (no atomics).
+      int n_cand = 0;
+      for (int j0 = 0; j0 < nk; j0 += 32) {
+        const int j = j0 + lane;
+        const bool in = j < nk && bin_of(keys[j]) == bin;
+        const uint32_t ballot = __ballot_sync(0xffffffff, in);
+        const int pos = n_cand + __popc(ballot & ((1u << lane) - 1u));
+        if (in && pos < kRowCandidates) cand[pos] = keys[j];
+        n_cand += __popc(ballot);
+      }
+      __syncwarp();
+      if (n_cand <= kRowCandidates) {
+        bool mine = false;
+        uint32_t value = 0;
+        for (int c = lane; c < n_cand; c += 32) {
+          const uint32_t v = cand[c];
+          int gt = 0, ge = 0;
+          for (int i = 0; i < n_cand; ++i) gt += cand[i] > v, ge += cand[i] >= v;
+          if (gt < rank && rank <= ge) mine = true, value = v;
+        }
+        const int owner = __ffs(__ballot_sync(0xffffffff, mine)) - 1;
+        x = __shfl_sync(0xffffffff, value, owner);
+        found = true;
+      }
+    }
+    if (!found) {
+      // Radix select, 8 bits per pass from the top, over the keys that share the digits so far.
+      uint32_t mask = 0;
+      int rank = count;
+      for (int shift = 24; shift >= 0; shift -= 8) {
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 8; ++i) hist[lane + 32 * i] = 0;
+        __syncwarp();
+        for (int j = lane; j < nk; j += 32) {
+          const uint32_t k = keys[j];
+          if ((k & mask) == x) atomicAdd(&hist[(k >> shift) & 255u], 1);
+        }
+        __syncwarp();
+        int above;
+        const int digit = warp_pick_bin(hist, rank, lane, above);
+        x |= static_cast<uint32_t>(digit) << shift;
+        mask |= 255u << shift;
+        rank -= above;
+      }
+    }
+    // Keys above x all go; ties at x go to the smallest ids. Written in ascending id order.
+    int n_gt = 0;
+    for (int j = lane; j < nk; j += 32) n_gt += keys[j] > x;
+    n_gt = __reduce_add_sync(0xffffffff, n_gt);
+    const int need_eq = count - n_gt;
+    int written = 0, eq_seen = 0;
+    for (int j0 = 0; j0 < nk && written < count; j0 += 32) {
+      const int j = j0 + lane;
+      const uint32_t k = j < nk ? keys[j] : 0u;
+      write_step(j < nk && k > x, j < nk && k == x, j, need_eq, lane, out, written, eq_seen);
+    }
+  }
+  for (int j = count + lane; j < p.width; j += 32) out[j] = -1;
+  if (lane == 0) p.counts[row] = count;
+}
+
+inline int row_chooser_stride_bytes(int nk) { return ((nk + 256 + kRowCandidates + 3) & ~3) * 4; }
 
 }  // namespace sel
 
@@ -568,6 +697,14 @@ cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
   if (cdf && nk <= 1408) return sel::launch_choose_warp<44>(p, rows, stream);
   if (cdf && nk <= 2816) return sel::launch_choose_warp<88>(p, rows, stream);
   if (cdf && nk <= 4096) return sel::launch_choose_warp<128>(p, rows, stream);
+  if (!cdf && nk <= 1408) {
+    // Long top-k rows: one warp per row. Measured on H100 against the CTA-per-row chooser: 0.33
+    // -> 0.26 ms at Nk = 1320 (W720s), but slower at Nk = 2640 (W720: 0.55 ms more), where a
+    // warp's 10 KB of keys leave too few warps per SM to hide its serial passes.
+    const int smem = sel::kRowWarps * sel::row_chooser_stride_bytes(nk);  // <= 29 KB
+    sel::choose_row_kernel<><<<(rows + sel::kRowWarps - 1) / sel::kRowWarps, sel::kRowWarps * 32, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
   const int smem = nk * static_cast<int>(sizeof(uint32_t));
   auto choose = sel::choose_kernel<kHeadDim>;
   if (smem > 48 * 1024) {
