@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..layout import ChunkGeometry
-from .forward import LOG2E, block_tokens, head_block, tile_mask
+from .forward import LOG2E, block_tokens, head_block, key_list, key_tile, query_tile, tile_mask
 
 # Bounds the (key, query) pairs sorted at once, hence the inverse index's memory.
 _PAIRS_PER_SLAB = 1 << 26
@@ -56,15 +56,10 @@ def _dq_kernel(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    qblk = pid // M_SPLIT
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_m = (pid % M_SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qtok, qvalid = block_tokens(qblk, rows_m, QT, QH, QW, QNH, QNW, QCT, QCH, QCW)
-    qtok = qtok.to(tl.int64)
-    q_mask = tile_mask(qvalid, offs_d, HEAD_DIM, BLOCK_D)
+    qblk, offs_d, qtok, qvalid, q_mask = query_tile(pid, QT, QH, QW, QNH, QNW, QCT, QCH, QCW,
+                                                    HEAD_DIM, BLOCK_D, BLOCK_M, M_SPLIT)
     q = tl.load(Q + b * sqb + h * sqh + qtok[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DOut + b * sdb + h * sdh + qtok[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
     row_base = bh.to(tl.int64) * (QT * QH * QW)
@@ -75,23 +70,13 @@ def _dq_kernel(
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    idx_base = Idx + b * sib + h * sih + qblk.to(tl.int64) * siq
-    count = tl.load(Cnt + b * scb + h * sch + qblk.to(tl.int64) * scq)
-    count = tl.minimum(tl.maximum(count, 0), kmax)
+    idx_base, count = key_list(Idx, Cnt, b, h, qblk, sib, sih, siq, scb, sch, scq, kmax)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for step in range(0, count * N_SPLIT):
-        kid = tl.load(idx_base + (step // N_SPLIT) * sik)
-        live = (kid >= 0) & (kid < nk_blocks)
-        kid = tl.where(live, kid, 0)
-        ktok, kvalid = block_tokens(kid, (step % N_SPLIT) * BLOCK_N + offs_n, KT, KH, KW, KNH, KNW, KCT, KCH, KCW)
-        kvalid = kvalid & live
-        ktok = ktok.to(tl.int64)
-        kv_mask = tile_mask(kvalid, offs_d, HEAD_DIM, BLOCK_D)
-        k = tl.load(k_base + ktok[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + ktok[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-
+        k, v, kvalid = key_tile(idx_base, sik, step, nk_blocks, k_base, v_base, sks, svs, offs_d, offs_n,
+                                KT, KH, KW, KNH, KNW, KCT, KCH, KCW, HEAD_DIM, BLOCK_D, BLOCK_N, N_SPLIT)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(kvalid[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])

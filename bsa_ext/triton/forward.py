@@ -43,6 +43,44 @@ def tile_mask(valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def query_tile(pid, QT, QH, QW, QNH, QNW, QCT: tl.constexpr, QCH: tl.constexpr, QCW: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, M_SPLIT: tl.constexpr):
+    """Query block of program ``pid`` and its row tile: head-dim offsets, int64 token indices,
+    validity and the tile's load mask."""
+    qblk = pid // M_SPLIT
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_m = (pid % M_SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qtok, qvalid = block_tokens(qblk, rows_m, QT, QH, QW, QNH, QNW, QCT, QCH, QCW)
+    return qblk, offs_d, qtok.to(tl.int64), qvalid, tile_mask(qvalid, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def key_list(Idx, Cnt, b, h, qblk, sib, sih, siq, scb, sch, scq, kmax):
+    """A query block's row of ``indices`` and its count, clamped so that no read passes the row."""
+    idx_base = Idx + b * sib + h * sih + qblk.to(tl.int64) * siq
+    count = tl.load(Cnt + b * scb + h * sch + qblk.to(tl.int64) * scq)
+    return idx_base, tl.minimum(tl.maximum(count, 0), kmax)
+
+
+@triton.jit
+def key_tile(idx_base, sik, step, nk_blocks, k_base, v_base, sks, svs, offs_d, offs_n,
+             KT, KH, KW, KNH, KNW, KCT: tl.constexpr, KCH: tl.constexpr, KCW: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr):
+    """K and V rows of tile ``step`` of a key list, and which rows are real keys. An id outside
+    [0, Nk) addresses block 0 and is masked out entirely."""
+    kid = tl.load(idx_base + (step // N_SPLIT) * sik)
+    live = (kid >= 0) & (kid < nk_blocks)
+    kid = tl.where(live, kid, 0)
+    ktok, kvalid = block_tokens(kid, (step % N_SPLIT) * BLOCK_N + offs_n, KT, KH, KW, KNH, KNW, KCT, KCH, KCW)
+    kvalid = kvalid & live
+    ktok = ktok.to(tl.int64)
+    kv_mask = tile_mask(kvalid, offs_d, HEAD_DIM, BLOCK_D)
+    k = tl.load(k_base + ktok[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + ktok[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v, kvalid
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, Out, Lse, Idx, Cnt,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
@@ -56,41 +94,23 @@ def _forward_kernel(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    qblk = pid // M_SPLIT
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_m = (pid % M_SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qtok, qvalid = block_tokens(qblk, rows_m, QT, QH, QW, QNH, QNW, QCT, QCH, QCW)
-    qtok = qtok.to(tl.int64)
-    q_ptrs = Q + b * sqb + h * sqh + qtok[:, None] * sqs + offs_d[None, :]
-    q_mask = tile_mask(qvalid, offs_d, HEAD_DIM, BLOCK_D)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    qblk, offs_d, qtok, qvalid, q_mask = query_tile(pid, QT, QH, QW, QNH, QNW, QCT, QCH, QCW,
+                                                    HEAD_DIM, BLOCK_D, BLOCK_M, M_SPLIT)
+    q = tl.load(Q + b * sqb + h * sqh + qtok[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    idx_base = Idx + b * sib + h * sih + qblk.to(tl.int64) * siq
-    count = tl.load(Cnt + b * scb + h * sch + qblk.to(tl.int64) * scq)
-    # Never read past the index row, whatever the count says.
-    count = tl.minimum(tl.maximum(count, 0), kmax)
+    idx_base, count = key_list(Idx, Cnt, b, h, qblk, sib, sih, siq, scb, sch, scq, kmax)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for step in range(0, count * N_SPLIT):
-        kid = tl.load(idx_base + (step // N_SPLIT) * sik)
-        live = (kid >= 0) & (kid < nk_blocks)
-        # Out-of-range ids address block 0 and are masked out entirely.
-        kid = tl.where(live, kid, 0)
-        ktok, kvalid = block_tokens(kid, (step % N_SPLIT) * BLOCK_N + offs_n, KT, KH, KW, KNH, KNW, KCT, KCH, KCW)
-        kvalid = kvalid & live
-        ktok = ktok.to(tl.int64)
-        kv_mask = tile_mask(kvalid, offs_d, HEAD_DIM, BLOCK_D)
-        k = tl.load(k_base + ktok[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + ktok[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-
+        k, v, kvalid = key_tile(idx_base, sik, step, nk_blocks, k_base, v_base, sks, svs, offs_d, offs_n,
+                                KT, KH, KW, KNH, KNW, KCT, KCH, KCW, HEAD_DIM, BLOCK_D, BLOCK_N, N_SPLIT)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(kvalid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
