@@ -170,6 +170,45 @@ __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_
   wgmma_commit();
 }
 
+// Debug-only cycle accounting of the consumer loop, per phase, summed over the first thread of
+// every consumer warpgroup (tools/device/fwd_phases.cu defines BSA_FWD_PHASE_TIMING and reads
+// fwd_phase_cycles); without the macro it compiles to nothing.
+#ifdef BSA_FWD_PHASE_TIMING
+__device__ unsigned long long fwd_phase_cycles[8];
+struct PhaseClock {
+  long long last;
+  unsigned long long acc[8];
+  static __device__ long long now() {
+#if BSA_SM90_ENABLED
+    return clock64();
+#else
+    return 0;
+#endif
+  }
+  __device__ PhaseClock() : last(now()) {
+    for (int i = 0; i < 8; ++i) acc[i] = 0;
+  }
+  __device__ void mark(int i) {
+    const long long t = now();
+    acc[i] += t - last;
+    last = t;
+  }
+  __device__ void count() { ++acc[6]; }
+  __device__ void flush(bool leader) {
+#if BSA_SM90_ENABLED
+    if (leader)
+      for (int i = 0; i < 8; ++i) atomicAdd(&fwd_phase_cycles[i], acc[i]);
+#endif
+  }
+};
+#else
+struct PhaseClock {
+  __device__ void mark(int) {}
+  __device__ void count() {}
+  __device__ void flush(bool) {}
+};
+#endif
+
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 __global__ void __launch_bounds__(384, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
@@ -316,6 +355,7 @@ __global__ void __launch_bounds__(384, 1)
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   const int g = lane / 4, quad = lane % 4;
   const float scale_log2 = p.scale_log2;
+  PhaseClock phases;  // 0 ids + stage waits, 1 issue, 2 S wait, 3 softmax, 4 P V wait, 5 rescale + pack, 7 rest
 
   float o[kHeadDim / 2];
 #pragma unroll
@@ -360,6 +400,7 @@ __global__ void __launch_bounds__(384, 1)
 
     // Steady state, unconditional so that ptxas can keep the two wgmma groups in flight.
     int n = 0;
+    phases.mark(7);
     for (;; ++n) {
       const int s0 = n % kStages;
       const uint32_t ph0 = (n / kStages) & 1;
@@ -378,20 +419,25 @@ __global__ void __launch_bounds__(384, 1)
       ahead = cursor < list_len ? list[cursor] : -1;
       mbar_wait(ring.full_k(s1), ph1);
       mbar_wait(ring.full_v(s0), ph0);
+      phases.mark(0);
       turn_begin();
       issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_addr, k_addr0 + s1 * Tr::kTileBytes);
       issue_pv<kDType, kHeadDim, kCapK>(o, pf, v_addr0 + s0 * Tr::kTileBytes);
       turn_end();
+      phases.mark(1);
       // Softmax of block n+1 overlaps P_n V_n on the tensor cores; O is not touched until it lands.
       wgmma_wait<1>();
       fence_registers(s_acc);
+      phases.mark(2);
       release(ring.empty_k(s1), lane);
       ko = block_origin(p.geom_k, id1);
       if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
       online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
+      phases.mark(3);
       wgmma_wait<0>();
       fence_registers(o);
       fence_registers(pf);
+      phases.mark(4);
       release(ring.empty_v(s0), lane);
       // The running max settles after a few blocks: skip the rescale when no row of the warp moved.
       if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f)) {
@@ -404,6 +450,8 @@ __global__ void __launch_bounds__(384, 1)
         }
       }
       pack_p<kDType, kCapK>(pf, s_acc);
+      phases.mark(5);
+      phases.count();
     }
     // Last block: P V alone.
     const int s0 = n % kStages;
@@ -453,6 +501,8 @@ __global__ void __launch_bounds__(384, 1)
       if (qo.full || row_inside(qo, rc.packed)) lse_base[qo.token + rc.offset] = lse_row[hr];
     }
   }
+  phases.mark(7);
+  phases.flush(t == 0);
 #endif
 }
 

@@ -1,0 +1,137 @@
+// Where the Hopper forward's consumer warpgroups spend their cycles, per phase of the steady
+// loop (fwd_sm90.cuh, BSA_FWD_PHASE_TIMING), at the W720s shape with random sorted key lists.
+// Standalone (no torch): build here, run on the GPU machine.
+//
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+//        -Icsrc/include tools/device/fwd_phases.cu -o fwd_phases && ./fwd_phases
+//
+// Timing perturbs what it measures a little (clock64 reads and one extra add per phase); the
+// kernel time printed beside the phases shows by how much against the benchmarks.
+#define BSA_FWD_PHASE_TIMING
+#include "bsa/fwd_sm90.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#define CHECK(x)                                                                \
+  do {                                                                          \
+    const cudaError_t e = (x);                                                  \
+    if (e != cudaSuccess) {                                                     \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      std::exit(1);                                                             \
+    }                                                                           \
+  } while (0)
+
+namespace {
+
+// bf16 by truncation of a float: enough for timing inputs.
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <int kCapQ, int kCapK>
+void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
+  const int H = 32, D = 128, S = gq.T * gq.H * gq.W, nq = gq.num_blocks(), nk = gk.num_blocks();
+  const size_t elems = static_cast<size_t>(H) * S * D;
+  std::mt19937 rng(0);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  std::vector<uint16_t> host(elems);
+  for (auto& x : host) x = to_bf16(uni(rng));
+  void *q, *k, *v, *out;
+  float* lse;
+  int32_t *indices, *counts;
+  CHECK(cudaMalloc(&q, elems * 2));
+  CHECK(cudaMalloc(&k, elems * 2));
+  CHECK(cudaMalloc(&v, elems * 2));
+  CHECK(cudaMalloc(&out, elems * 2));
+  CHECK(cudaMalloc(&lse, static_cast<size_t>(H) * S * 4));
+  CHECK(cudaMemcpy(q, host.data(), elems * 2, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(k, host.data(), elems * 2, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(v, host.data(), elems * 2, cudaMemcpyHostToDevice));
+
+  // `keep` distinct key blocks per query block, ascending, as selection writes them.
+  std::vector<int32_t> idx(static_cast<size_t>(H) * nq * keep), cnt(static_cast<size_t>(H) * nq, keep);
+  std::vector<int32_t> all(nk);
+  for (size_t row = 0; row < cnt.size(); ++row) {
+    std::iota(all.begin(), all.end(), 0);
+    for (int i = 0; i < keep; ++i) std::swap(all[i], all[i + rng() % (nk - i)]);
+    std::sort(all.begin(), all.begin() + keep);
+    std::copy(all.begin(), all.begin() + keep, idx.begin() + row * keep);
+  }
+  CHECK(cudaMalloc(&indices, idx.size() * 4));
+  CHECK(cudaMalloc(&counts, cnt.size() * 4));
+  CHECK(cudaMemcpy(indices, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(counts, cnt.data(), cnt.size() * 4, cudaMemcpyHostToDevice));
+
+  bsa::ForwardParams p{};
+  p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse, p.indices = indices, p.counts = counts;
+  const int64_t hs = static_cast<int64_t>(S) * D;
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.out_batch_stride = H * hs;
+  p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = hs;
+  p.q_row_stride = p.k_row_stride = p.v_row_stride = p.out_row_stride = D;
+  p.batch = 1, p.heads = H, p.seq_q = S, p.seq_k = S, p.kmax = keep;
+  p.geom_q = gq, p.geom_k = gk;
+  p.sm_scale = 1.f / std::sqrt(static_cast<float>(D));
+  p.scale_log2 = p.sm_scale * 1.4426950408889634f;
+
+  bool launched = false;
+  auto launch = [&] {
+    CHECK((bsa::run_forward_sm90<bsa::DType::kBFloat16, 128, kCapQ, kCapK>(p, nullptr, &launched)));
+    if (!launched) {
+      std::fprintf(stderr, "the sm_90a kernel did not launch on this device\n");
+      std::exit(1);
+    }
+  };
+  launch();  // warm-up
+  CHECK(cudaDeviceSynchronize());
+  const unsigned long long zeros[8] = {};
+  CHECK(cudaMemcpyToSymbol(bsa::sm90::fwd_phase_cycles, zeros, sizeof(zeros)));
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  CHECK(cudaEventRecord(a));
+  launch();
+  CHECK(cudaEventRecord(b));
+  CHECK(cudaEventSynchronize(b));
+  float ms = 0.f;
+  CHECK(cudaEventElapsedTime(&ms, a, b));
+  unsigned long long c[8];
+  CHECK(cudaMemcpyFromSymbol(c, bsa::sm90::fwd_phase_cycles, sizeof(c)));
+
+  const double flops = 4.0 * H * static_cast<double>(S) * keep * gk.capacity() * D;
+  const char* names[8] = {"ids + stage waits", "issue (+ turn)", "wait S", "mask + softmax", "wait P V",
+                          "rescale + pack", "", "outside the loop"};
+  double loop = 0;
+  for (int i = 0; i < 6; ++i) loop += static_cast<double>(c[i]);
+  std::printf("%s: %.2f ms (%.0f TFLOP/s), %llu loop steps over all consumer warpgroups\n", name, ms,
+              flops / ms / 1e9, c[6]);
+  for (int i : {0, 1, 2, 3, 4, 5}) {
+    std::printf("  %-18s %8.0f cycles/step  %5.1f%%\n", names[i], static_cast<double>(c[i]) / c[6],
+                100.0 * c[i] / loop);
+  }
+  const int rings = kCapQ == 64 ? 2 : 1;  // query blocks per CTA
+  const double warpgroups = 2.0 * H * ((nq + rings - 1) / rings);
+  std::printf("  %-18s %8.0f cycles per warpgroup (prologue, first block, last P V, epilogue)\n", names[7],
+              static_cast<double>(c[7]) / warpgroups);
+  for (void* ptr : {q, k, v, out}) CHECK(cudaFree(ptr));
+  CHECK(cudaFree(lse));
+  CHECK(cudaFree(indices));
+  CHECK(cudaFree(counts));
+}
+
+}  // namespace
+
+int main() {
+  // W720s: latent (24, 44, 80); 4x4x4 chunks keep 82 of 1320 key blocks; 4x4x8 chunks 82 of 660.
+  run<64, 64>("W720s (4x4x4, 82 of 1320)", {24, 44, 80, 4, 4, 4, 6, 11, 20}, {24, 44, 80, 4, 4, 4, 6, 11, 20}, 82);
+  run<128, 128>("W720s-c128 (4x4x8, 82 of 660)", {24, 44, 80, 4, 4, 8, 6, 11, 10}, {24, 44, 80, 4, 4, 8, 6, 11, 10},
+                82);
+  return 0;
+}
