@@ -156,13 +156,16 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
   for (int i = 0; i < kHeadDim / 2; ++i) acc_dq[i] = 0.f;
   if (count > 0) sm90::mbar_wait(q_full, 0);
 
+  // Only shapes with partial edge blocks pay for locating each key block (three divisions).
+  const bool k_edges = !p.geom_k.tiles_exactly();
+  const BlockOrigin whole{0, p.geom_k.t, p.geom_k.h, p.geom_k.w, true};
   for (int n = 0; n < count; ++n) {
     const int stage = n & 1;
     sm90::mbar_wait(kv_full + stage, (n >> 1) & 1);
     __syncthreads();  // every warpgroup is past block n-1: its stage can be refilled
     if (tid == 0 && n + 1 < count) issue_kv(stage ^ 1, clamp_id(next_id));
     const bool live = id >= 0 && id < nk;
-    const BlockOrigin origin = block_origin(p.geom_k, live ? id : 0);
+    const BlockOrigin origin = k_edges ? block_origin(p.geom_k, live ? id : 0) : whole;
     id = next_id;
     next_id = n + 2 < count ? ids[n + 2] : 0;
     const uint32_t k_tile = k_addr + stage * Tr::kTileK, v_tile = v_addr + stage * Tr::kTileK;

@@ -393,8 +393,12 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_wait<0>();
     fence_registers(s_acc);
     release(ring.empty_k(0), lane);
-    BlockOrigin ko = block_origin(p.geom_k, id);
-    if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+    // Only shapes with partial edge blocks pay for locating each key block (three divisions).
+    const bool k_edges = !p.geom_k.tiles_exactly();
+    if (k_edges) {
+      const BlockOrigin ko = block_origin(p.geom_k, id);
+      if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+    }
     online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
     pack_p<kDType, kCapK>(pf, s_acc);
 
@@ -430,8 +434,10 @@ __global__ void __launch_bounds__(384, 1)
       fence_registers(s_acc);
       phases.mark(2);
       release(ring.empty_k(s1), lane);
-      ko = block_origin(p.geom_k, id1);
-      if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+      if (k_edges) {
+        const BlockOrigin ko = block_origin(p.geom_k, id1);
+        if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+      }
       online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
       phases.mark(3);
       wgmma_wait<0>();

@@ -16,6 +16,8 @@ struct Geometry {
 
   __host__ __device__ int num_blocks() const { return Nt * Nh * Nw; }
   __host__ __device__ int capacity() const { return t * h * w; }
+  // No partial edge blocks: every block's rows are all real tokens.
+  __host__ __device__ bool tiles_exactly() const { return T % t == 0 && H % h == 0 && W % w == 0; }
 };
 
 // Per-row position of a block-local row, independent of the block (one table per CTA).
