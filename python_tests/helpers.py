@@ -79,3 +79,18 @@ CAP_CHUNKS = {64: (4, 4, 4), 128: (4, 4, 8)}
 def odd_geoms(cap_q, cap_k):
     """Non-divisible latents, Sq != Sk, chunk shapes of the given capacities for q and k."""
     return geom((5, 9, 10), CAP_CHUNKS[cap_q]), geom((6, 7, 13), CAP_CHUNKS[cap_k])
+
+
+def capture_cuda_graph(fn):
+    """Runs ``fn`` once on a side stream (capture needs warm kernels and its own allocations),
+    then captures it; returns the graph and the captured call's outputs, which each replay
+    writes again."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    return graph, captured

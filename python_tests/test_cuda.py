@@ -14,7 +14,9 @@ import torch
 from bsa_ext import _library, reference
 from bsa_ext.layout import selection_width, topk_count
 
-from helpers import CAP_CHUNKS, assert_close_rule, dense_attention, geom, make_qkv, odd_geoms, random_blocks
+from helpers import (
+    CAP_CHUNKS, assert_close_rule, capture_cuda_graph, dense_attention, geom, make_qkv, odd_geoms, random_blocks,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -303,14 +305,7 @@ def test_cuda_graph_capture_matches_eager():
         return idx, cnt, out, lse
 
     eager = layer()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = layer()
+    graph, captured = capture_cuda_graph(layer)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):

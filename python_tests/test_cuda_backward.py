@@ -17,7 +17,9 @@ from bsa_ext import _library, reference
 from bsa_ext.layout import selection_width, topk_count
 from bsa_ext.workloads import video_like_qkv
 
-from helpers import assert_close_rule, geom, low_precision_attention, make_qkv, odd_geoms, random_blocks
+from helpers import (
+    assert_close_rule, capture_cuda_graph, geom, low_precision_attention, make_qkv, odd_geoms, random_blocks,
+)
 
 # Every test runs on both kernel families where the GPU has both (conftest's kernel_family).
 pytestmark = [
@@ -167,14 +169,7 @@ def test_backward_cuda_graph_replay():
         return torch.ops.bsa.cuda_backward(dout, q, k, v, out, lse, idx, cnt, *args, 128**-0.5)
 
     eager = step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     for x in (q, k, v):  # new inputs in the same buffers: the replay must follow them
         x.copy_(x.flip(2))
     eager = step()

@@ -12,7 +12,9 @@ import torch
 
 from bsa_ext import _library, reference
 
-from helpers import CAP_CHUNKS, assert_close_rule, dense_attention, geom, make_qkv, odd_geoms, random_blocks
+from helpers import (
+    CAP_CHUNKS, assert_close_rule, capture_cuda_graph, dense_attention, geom, make_qkv, odd_geoms, random_blocks,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -143,14 +145,7 @@ def test_sm90_cuda_graph_capture_matches_eager():
     indices, counts = random_blocks(1, 4, gq.num_blocks, gk.num_blocks, 12, "cuda", min_count=1)
     args = (indices, counts, gq.as_ints(), gk.as_ints(), 128**-0.5)
     eager = torch.ops.bsa.cuda_forward(q, k, v, *args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.bsa.cuda_forward(q, k, v, *args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.bsa.cuda_forward(q, k, v, *args)
+    graph, captured = capture_cuda_graph(lambda: torch.ops.bsa.cuda_forward(q, k, v, *args))
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):

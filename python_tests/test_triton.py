@@ -19,7 +19,7 @@ from bsa_ext import reference  # noqa: E402
 from bsa_ext.layout import selection_width, topk_count  # noqa: E402
 from bsa_ext import triton as bsa_triton  # noqa: E402
 
-from helpers import assert_close_rule, geom, low_precision_attention, make_qkv, random_blocks  # noqa: E402
+from helpers import assert_close_rule, capture_cuda_graph, geom, low_precision_attention, make_qkv, random_blocks  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -323,14 +323,12 @@ def test_gpu_longcat_selection_and_cuda_graph():
         _check_selection(q, k, gq, gk, sparsity, cdf, None, exact=False)
     indices, counts = bsa_triton.select_blocks(q, k, gq, gk, 0.9375, None, None)
     out, _ = bsa_triton.forward(q, k, v, indices, counts, gq, gk, 128**-0.5)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # warm-up outside the capture compiles every kernel
-        bsa_triton.select_blocks(q, k, gq, gk, 0.9375, None, None)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def layer():
         g_idx, g_cnt = bsa_triton.select_blocks(q, k, gq, gk, 0.9375, None, None)
-        g_out, _ = bsa_triton.forward(q, k, v, g_idx, g_cnt, gq, gk, 128**-0.5)
+        return g_idx, bsa_triton.forward(q, k, v, g_idx, g_cnt, gq, gk, 128**-0.5)[0]
+
+    graph, (g_idx, g_out) = capture_cuda_graph(layer)  # its warm-up call compiles every kernel
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(g_idx, indices) and torch.equal(g_out, out)
