@@ -561,15 +561,19 @@ cudaError_t launch_choose_warp(const SelectParams& p, int rows, cudaStream_t str
 }
 
 // Top-k rows of 769..1408 key blocks (too long for the register-resident warp chooser): one
-// warp per query block, the row's keys in shared memory. A CTA per row (choose_kernel) spent most of its issue slots on
-// per-warp overhead (barriers, block reductions) rather than on the keys: ncu on H100 showed it
-// issue-bound at 3.4 instructions per cycle. Here every step is warp-synchronous.
+// warp per query block, the row's keys in shared memory. A CTA per row (choose_kernel) spent
+// most of its issue slots on per-warp overhead (barriers, block reductions) rather than on the
+// keys: ncu on H100 showed it issue-bound at 3.4 instructions per cycle. Here every step is
+// warp-synchronous.
 // The count-th largest key x: a 256-bin histogram of the score VALUES over [min, max] (the bin
 // map is monotone, so bins above the one holding rank `count` hold only larger keys), then the
 // keys of that bin (few on real rows) ranked exactly against each other. Rows where the range
 // is not finite, or whose bin holds more than kRowCandidates keys, take an 8-bit radix select.
 constexpr int kRowWarps = 4;
 constexpr int kRowCandidates = 128;
+
+// One warp's shared memory in 32-bit words: keys [nk], hist [256], candidates, 16-byte aligned.
+__host__ __device__ constexpr int row_chooser_words(int nk) { return (nk + 256 + kRowCandidates + 3) & ~3; }
 
 template <int kUnused = 0>  // a template only so that every translation unit may define it
 __global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const SelectParams p) {
@@ -578,8 +582,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const Select
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp;
   if (row >= static_cast<int64_t>(p.batch) * p.heads * nq) return;  // whole warps leave together
-  const int stride = (nk + 256 + kRowCandidates + 3) & ~3;
-  uint32_t* keys = row_smem + warp * stride;
+  uint32_t* keys = row_smem + warp * row_chooser_words(nk);
   int* hist = reinterpret_cast<int*>(keys + nk);
   uint32_t* cand = keys + nk + 256;
   const float* s = p.scores + row * nk;
@@ -673,8 +676,6 @@ __global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const Select
   if (lane == 0) p.counts[row] = count;
 }
 
-inline int row_chooser_stride_bytes(int nk) { return ((nk + 256 + kRowCandidates + 3) & ~3) * 4; }
-
 }  // namespace sel
 
 template <DType kDType, int kHeadDim>
@@ -701,7 +702,7 @@ cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
     // Long top-k rows: one warp per row. Measured on H100 against the CTA-per-row chooser: 0.33
     // -> 0.26 ms at Nk = 1320 (W720s), but slower at Nk = 2640 (W720: 0.55 ms more), where a
     // warp's 10 KB of keys leave too few warps per SM to hide its serial passes.
-    const int smem = sel::kRowWarps * sel::row_chooser_stride_bytes(nk);  // <= 29 KB
+    const int smem = sel::kRowWarps * sel::row_chooser_words(nk) * 4;  // <= 29 KB
     sel::choose_row_kernel<><<<(rows + sel::kRowWarps - 1) / sel::kRowWarps, sel::kRowWarps * 32, smem, stream>>>(p);
     return cudaGetLastError();
   }
