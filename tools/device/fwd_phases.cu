@@ -5,9 +5,12 @@
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -Icsrc/include tools/device/fwd_phases.cu -o fwd_phases && ./fwd_phases
 //
-// Timing perturbs what it measures a little (clock64 reads and one extra add per phase); the
-// kernel time printed beside the phases shows by how much against the benchmarks.
+// Timing perturbs what it measures a little (clock64 reads and one extra add per phase); build
+// with -DBSA_NO_PHASES for the kernel time alone (median of 9 launches), e.g. to compare two
+// versions of the header (-I a copy of the old one) on the same card in one call.
+#ifndef BSA_NO_PHASES
 #define BSA_FWD_PHASE_TIMING
+#endif
 #include "bsa/fwd_sm90.cuh"
 
 #include <algorithm>
@@ -91,21 +94,31 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
   };
   launch();  // warm-up
   CHECK(cudaDeviceSynchronize());
-  const unsigned long long zeros[8] = {};
-  CHECK(cudaMemcpyToSymbol(bsa::sm90::fwd_phase_cycles, zeros, sizeof(zeros)));
+  const double flops = 4.0 * H * static_cast<double>(S) * keep * gk.capacity() * D;
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
-  CHECK(cudaEventRecord(a));
-  launch();
-  CHECK(cudaEventRecord(b));
-  CHECK(cudaEventSynchronize(b));
-  float ms = 0.f;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
+  auto timed = [&] {
+    CHECK(cudaEventRecord(a));
+    launch();
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0.f;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    return ms;
+  };
+#ifdef BSA_NO_PHASES
+  std::vector<float> times;
+  for (int i = 0; i < 9; ++i) times.push_back(timed());
+  std::sort(times.begin(), times.end());
+  std::printf("%s: %.3f ms (%.0f TFLOP/s), median of 9\n", name, times[4], flops / times[4] / 1e9);
+#else
+  const unsigned long long zeros[8] = {};
+  CHECK(cudaMemcpyToSymbol(bsa::sm90::fwd_phase_cycles, zeros, sizeof(zeros)));
+  const float ms = timed();
   unsigned long long c[8];
   CHECK(cudaMemcpyFromSymbol(c, bsa::sm90::fwd_phase_cycles, sizeof(c)));
 
-  const double flops = 4.0 * H * static_cast<double>(S) * keep * gk.capacity() * D;
   const char* names[8] = {"ids + stage waits", "issue (+ turn)", "wait S", "mask + softmax", "wait P V",
                           "rescale + pack", "", "outside the loop"};
   double loop = 0;
@@ -120,6 +133,7 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
   const double warpgroups = 2.0 * H * ((nq + rings - 1) / rings);
   std::printf("  %-18s %8.0f cycles per warpgroup (prologue, first block, last P V, epilogue)\n", names[7],
               static_cast<double>(c[7]) / warpgroups);
+#endif
   for (void* ptr : {q, k, v, out}) CHECK(cudaFree(ptr));
   CHECK(cudaFree(lse));
   CHECK(cudaFree(indices));

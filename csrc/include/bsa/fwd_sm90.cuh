@@ -56,8 +56,7 @@ struct ForwardTraits {
   static constexpr int kNumBars = kRings * (4 * kStages + 1);
   static constexpr int kOffKRows = kOffBars + 8 * kNumBars;
   static constexpr int kOffQRows = kOffKRows + 4 * kCapK;
-  static constexpr int kOffTurns = kOffQRows + 8 * kCapQ;
-  static constexpr int kSmemBytes = kOffTurns + 8 + 1024;
+  static constexpr int kSmemBytes = kOffQRows + 8 * kCapQ + 1024;
 
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -252,24 +251,6 @@ __global__ void __launch_bounds__(384, 1)
   // Ping-pong pays where both consumers share one query block (measured on H100: +7% at
   // W720s-c128); with two independent query blocks their natural interleaving was 2% faster.
   constexpr bool kPingPong = kRings == 1;
-  // Turns each consumer will take (valid ids + 1, or 0): warp r counts ring r's list.
-  int* turn_counts = reinterpret_cast<int*>(smem + Tr::kOffTurns);
-  if (kPingPong && tid / 32 < kRings) {
-    const int r = tid / 32, lane = tid % 32;
-    const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
-    int valid = 0;
-    if (qb < nq) {
-      const int64_t row_id = static_cast<int64_t>(bh) * nq + qb;
-      const int32_t* ids = p.indices + row_id * p.kmax;
-      int count = clamped_count(p.counts, row_id, p.kmax);
-      for (int i = lane; i < count; i += 32) valid += static_cast<unsigned>(ids[i]) < static_cast<unsigned>(nk);
-      valid = __reduce_add_sync(0xffffffff, valid);
-    }
-    if (lane == 0) {
-      turn_counts[r] = valid > 0 ? valid + 1 : 0;
-      if (kRings == 1) turn_counts[1] = turn_counts[0];
-    }
-  }
   __syncthreads();
 
   const int warpgroup = tid / 128;
@@ -331,20 +312,7 @@ __global__ void __launch_bounds__(384, 1)
   const int r = kRings == 2 ? c : 0;
   const int row0 = kRings == 2 ? 0 : c * 64;  // this warpgroup's first row inside the query block
   const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
-  // Ping-pong: each warpgroup issues its wgmmas only in its turn, so one warpgroup's softmax
-  // runs while the other's matrix products hold the tensor cores. Turns alternate through
-  // named barriers 3 and 4; a warpgroup waits only for turns the other one will really take
-  // (both counts are known up front), so lists of different lengths cannot deadlock.
   if (kPingPong && c == 1) named_barrier_arrive(3, 256);  // warpgroup 0 takes the first turn
-  const int other_turns = kPingPong ? turn_counts[c ^ 1] : 0;
-  int turn = 0;
-  auto turn_begin = [&]() {
-    ++turn;
-    if (kPingPong && (c == 0 ? turn - 1 <= other_turns : turn <= other_turns)) named_barrier_sync(3 + c, 256);
-  };
-  auto turn_end = [&]() {
-    if (kPingPong) named_barrier_arrive(3 + (c ^ 1), 256);
-  };
   if (qb >= nq) return;
   Ring<kStages> ring{bars + r * (4 * kStages + 1)};
   unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
@@ -355,7 +323,32 @@ __global__ void __launch_bounds__(384, 1)
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   const int g = lane / 4, quad = lane % 4;
   const float scale_log2 = p.scale_log2;
-  PhaseClock phases;  // 0 ids + stage waits, 1 issue, 2 S wait, 3 softmax, 4 P V wait, 5 rescale + pack, 7 rest
+  PhaseClock phases;  // 0 stage waits, 1 issue, 2 S wait, 3 softmax, 4 P V wait, 5 rescale + pack, 7 rest
+
+  // The producer loads, in list order, exactly the ids inside [0, Nk): stage n holds the n-th of
+  // them. Each warp counts them while the first tiles are in flight, so the steady loop needs no
+  // ids at all, unless partial edge blocks must be masked (then it walks the list as well).
+  const int64_t list_row = static_cast<int64_t>(bh) * nq + qb;
+  const int32_t* list = p.indices + list_row * p.kmax;
+  const int list_len = clamped_count(p.counts, list_row, p.kmax);
+  int nvalid = 0;
+  for (int i = lane; i < list_len; i += 32) nvalid += static_cast<unsigned>(list[i]) < static_cast<unsigned>(nk);
+  nvalid = __reduce_add_sync(0xffffffff, nvalid);
+
+  // Ping-pong: each warpgroup issues its wgmmas only in its turn, so one warpgroup's softmax
+  // runs while the other's matrix products hold the tensor cores. Turns alternate through
+  // named barriers 3 and 4. Both warpgroups read one list, so each knows the other's number of
+  // turns (one per block's scores plus one for the last P V) and never waits for a turn that
+  // will not come.
+  const int other_turns = kPingPong && nvalid > 0 ? nvalid + 1 : 0;
+  int turn = 0;
+  auto turn_begin = [&]() {
+    ++turn;
+    if (kPingPong && (c == 0 ? turn - 1 <= other_turns : turn <= other_turns)) named_barrier_sync(3 + c, 256);
+  };
+  auto turn_end = [&]() {
+    if (kPingPong) named_barrier_arrive(3 + (c ^ 1), 256);
+  };
 
   float o[kHeadDim / 2];
 #pragma unroll
@@ -366,25 +359,26 @@ __global__ void __launch_bounds__(384, 1)
   float s_acc[kCapK / 2];
   uint32_t pf[kCapK / 16][4];
 
-  // The consumers walk the same id list as the producer (from global memory, skipping ids
-  // outside [0, Nk) as it does), so stage n always holds their n-th valid block.
-  const int64_t list_row = static_cast<int64_t>(bh) * nq + qb;
-  const int32_t* list = p.indices + list_row * p.kmax;
-  int list_len = clamped_count(p.counts, list_row, p.kmax);
+  // Only shapes with partial edge blocks locate each key block (three divisions) to mask it.
+  const bool k_edges = !p.geom_k.tiles_exactly();
   int cursor = 0;
+  int ahead = k_edges && list_len > 0 ? list[0] : -1;  // the raw id at `cursor`, loaded a block early
   auto next_valid = [&]() {
-    while (cursor < list_len) {
-      const int x = list[cursor++];
-      if (static_cast<unsigned>(x) < static_cast<unsigned>(nk)) return x;
-    }
-    return -1;
+    int x = ahead;
+    ++cursor;
+    while (static_cast<unsigned>(x) >= static_cast<unsigned>(nk) && cursor < list_len) x = list[cursor++];
+    ahead = cursor < list_len ? list[cursor] : -1;
+    return x;
   };
-  int id = next_valid();
-  // The next raw id is loaded one block early and tested only then, so its latency hides
-  // behind a block of math; an invalid one (rare) takes the scanning path.
-  int ahead = cursor < list_len ? list[cursor] : -1;
+  auto mask_edges = [&]() {
+    if (k_edges) {
+      const BlockOrigin ko = block_origin(p.geom_k, next_valid());
+      if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
+    }
+  };
+
   mbar_wait(ring.q_full(), 0);  // even without keys: the epilogue reuses the Q rows
-  if (id >= 0) {
+  if (nvalid > 0) {
     mbar_wait(ring.full_k(0), 0);
     // Block 0: scores, softmax, P.
     turn_begin();
@@ -393,34 +387,16 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_wait<0>();
     fence_registers(s_acc);
     release(ring.empty_k(0), lane);
-    // Only shapes with partial edge blocks pay for locating each key block (three divisions).
-    const bool k_edges = !p.geom_k.tiles_exactly();
-    if (k_edges) {
-      const BlockOrigin ko = block_origin(p.geom_k, id);
-      if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
-    }
+    mask_edges();
     online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
     pack_p<kDType, kCapK>(pf, s_acc);
 
-    // Steady state, unconditional so that ptxas can keep the two wgmma groups in flight.
-    int n = 0;
+    // Steady state. Stage and phase of block n (s0, ph0) and of block n + 1 (s1, ph1) advance
+    // by increments, not by n % kStages.
+    int s0 = 0, s1 = 1 % kStages;
+    uint32_t ph0 = 0, ph1 = kStages == 1 ? 1 : 0;
     phases.mark(7);
-    for (;; ++n) {
-      const int s0 = n % kStages;
-      const uint32_t ph0 = (n / kStages) & 1;
-      const int s1 = (n + 1) % kStages;
-      const uint32_t ph1 = ((n + 1) / kStages) & 1;
-      int id1 = -1;
-      if (cursor < list_len) {
-        if (static_cast<unsigned>(ahead) < static_cast<unsigned>(nk)) {
-          id1 = ahead;
-          ++cursor;
-        } else {
-          id1 = next_valid();
-        }
-      }
-      if (id1 < 0) break;
-      ahead = cursor < list_len ? list[cursor] : -1;
+    for (int n = 0; n + 1 < nvalid; ++n) {
       mbar_wait(ring.full_k(s1), ph1);
       mbar_wait(ring.full_v(s0), ph0);
       phases.mark(0);
@@ -434,10 +410,7 @@ __global__ void __launch_bounds__(384, 1)
       fence_registers(s_acc);
       phases.mark(2);
       release(ring.empty_k(s1), lane);
-      if (k_edges) {
-        const BlockOrigin ko = block_origin(p.geom_k, id1);
-        if (!ko.full) mask_partial_block<kCapK>(s_acc, k_packed, ko, quad);
-      }
+      mask_edges();
       online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
       phases.mark(3);
       wgmma_wait<0>();
@@ -458,10 +431,15 @@ __global__ void __launch_bounds__(384, 1)
       pack_p<kDType, kCapK>(pf, s_acc);
       phases.mark(5);
       phases.count();
+      s0 = s1;
+      ph0 = ph1;
+      if (++s1 == kStages) {
+        s1 = 0;
+        ph1 ^= 1;
+      }
     }
     // Last block: P V alone.
-    const int s0 = n % kStages;
-    mbar_wait(ring.full_v(s0), (n / kStages) & 1);
+    mbar_wait(ring.full_v(s0), ph0);
     turn_begin();
     issue_pv<kDType, kHeadDim, kCapK>(o, pf, v_addr0 + s0 * Tr::kTileBytes);
     turn_end();
