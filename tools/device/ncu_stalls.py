@@ -24,7 +24,7 @@ def main(path, top):
     start = next(i for i, line in enumerate(lines) if "Source" in line and "Address" in line)
     rows = list(csv.DictReader(lines[start:]))
     cols = list(rows[0].keys())
-    print("columns:", cols)
+    print("columns:", len(cols))
     key = next(c for c in cols if c.startswith("Warp Stall Sampling (All"))
     total = sum(number(r[key]) for r in rows) or 1.0
     print(f"{len(rows)} SASS lines, {total:.0f} stall samples")

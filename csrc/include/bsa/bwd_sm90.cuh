@@ -163,9 +163,9 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
     const int stage = n & 1;
     sm90::mbar_wait(kv_full + stage, (n >> 1) & 1);
     __syncthreads();  // every warpgroup is past block n-1: its stage can be refilled
-    if (tid == 0 && n + 1 < count) issue_kv(stage ^ 1, clamp_id(next_id));
     const bool live = id >= 0 && id < nk;
     const BlockOrigin origin = k_edges ? block_origin(p.geom_k, live ? id : 0) : whole;
+    const int fetch_id = next_id;
     id = next_id;
     next_id = n + 2 < count ? ids[n + 2] : 0;
     const uint32_t k_tile = k_addr + stage * Tr::kTileK, v_tile = v_addr + stage * Tr::kTileK;
@@ -177,6 +177,9 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
       issue_nt<kDType, kHeadDim, kCapQ, kCapK>(s, q_addr, wg * 64, k_tile, col0);
       issue_nt<kDType, kHeadDim, kCapQ, kCapK>(dp, do_addr, wg * 64, v_tile, col0);
       sm90::wgmma_commit();
+      // Thread 0 refills the other stage only now: issued before the products, its TMA set-up
+      // held the other warps of its warpgroup at their first wgmma (a warpgroup-wide start).
+      if (col0 == 0 && tid == 0 && n + 1 < count) issue_kv(stage ^ 1, clamp_id(fetch_id));
       sm90::wgmma_wait<0>();
       sm90::fence_registers(s);
       sm90::fence_registers(dp);
@@ -311,10 +314,6 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
     sm90::mbar_wait(q_full + buf, (m >> 1) & 1);
     cp_async_wait<0>();  // this thread's lse / delta rows of block m
     __syncthreads();     // ... and every thread's; every warpgroup is past block m-1
-    if (m + 1 < len) {
-      load_query_block(buf ^ 1, next_qb);
-      next_qb = m + 2 < len ? list[begin + m + 2] : 0;
-    }
     const uint32_t q_tile = q_addr + buf * Tr::kTileQ, do_tile = do_addr + buf * Tr::kTileQ;
     const float* lse_row = s_lse + buf * kCapQ;
     const float* delta_row = s_delta + buf * kCapQ;
@@ -326,6 +325,12 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
       issue_nt<kDType, kHeadDim, kCapK, kCapQ>(s, k_addr, wg * 64, q_tile, col0);    // S^T
       issue_nt<kDType, kHeadDim, kCapK, kCapQ>(dp, v_addr, wg * 64, do_tile, col0);  // dP^T
       sm90::wgmma_commit();
+      // The next query block is requested only now: issued before the products, thread 0's TMA
+      // set-up held the other warps of its warpgroup at their first wgmma.
+      if (col0 == 0 && m + 1 < len) {
+        load_query_block(buf ^ 1, next_qb);
+        next_qb = m + 2 < len ? list[begin + m + 2] : 0;
+      }
       sm90::wgmma_wait<0>();
       sm90::fence_registers(s);
       sm90::fence_registers(dp);
