@@ -158,9 +158,18 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   p.scale_log2 = float(sm_scale * 1.4426950408889634);
   if (B * H * sq == 0) return {out, lse};
 
+  const cudaStream_t stream = current_stream(device);
+  const bool sm90 = try_sm90(device);
+  Tensor order;  // the Hopper kernel's launch order of the query blocks (longest lists first)
+  if (sm90) {
+    order = torch::stable::new_empty(q, {B, H, nq}, ScalarType::Int);
+    const bsa::ScheduleParams sp{p.counts, static_cast<int32_t*>(order.data_ptr()), int(B * H), nq, p.kmax};
+    const cudaError_t e = bsa::run_schedule(sp, stream);
+    STD_TORCH_CHECK(e == cudaSuccess, "bsa cuda_forward: schedule launch failed: ", cudaGetErrorString(e));
+    p.order = sp.order;
+  }
   cudaError_t err = cudaSuccess;
-  const bool found =
-      bsa::dispatch_forward(dt, int(D), gq.capacity(), gk.capacity(), p, current_stream(device), &err, try_sm90(device));
+  const bool found = bsa::dispatch_forward(dt, int(D), gq.capacity(), gk.capacity(), p, stream, &err, sm90);
   STD_TORCH_CHECK(found, "bsa cuda_forward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),
                   ", k=", gk.capacity(), "; compiled: ", bsa::kCompiledForward);
   STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_forward: launch failed: ", cudaGetErrorString(err),

@@ -95,8 +95,9 @@ def main() -> None:
             f"template cudaError_t bsa::{launcher}<bsa::DType::{DTYPES[dt]}, {d}, {cq}, {ck}>(\n"
             f"    const bsa::{params}&, {tail});\n",
         )
-    wanted.add("invert.cu")
-    _write("invert.cu", HEADER + '#include "bsa/invert.cuh"\n')
+    for single in ("invert", "schedule"):  # one translation unit each, no template table
+        wanted.add(f"{single}.cu")
+        _write(f"{single}.cu", HEADER + f'#include "bsa/{single}.cuh"\n')
     for family, dt, d in SELECT:
         name = f"{family}_{dt}_hdim{d}.cu"
         wanted.add(name)

@@ -110,6 +110,22 @@ def test_forward_zero_counts(cap_q):
 
 
 @both_families
+@pytest.mark.parametrize("cap_q", [64, 128])
+def test_forward_uneven_counts_many_query_blocks(cap_q):
+    # The Hopper kernel takes query blocks by descending count (bsa/schedule.cuh). With 105 or
+    # 60 query blocks per row (the latter with partial edge chunks), counts from 0 to 30, one
+    # row of equal counts and one with a third of its rows tied at 30, every block must still
+    # be computed exactly once (outputs are poisoned before the call).
+    gq = geom((12, 20, 28), CAP_CHUNKS[cap_q])
+    gk = geom((12, 20, 28), CAP_CHUNKS[64])
+    q, k, v = make_qkv(2, 3, gq.seq_len, gk.seq_len, 64, torch.bfloat16, "cuda", scale=2.0)
+    indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 30, "cuda")
+    counts[0, 1] = 7  # equal counts: the identity order
+    counts[1, 2, ::3] = 30
+    _check_forward(q, k, v, indices, counts, gq, gk, 0.125)
+
+
+@both_families
 @pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128), (128, 64), (128, 128)])
 def test_forward_garbage_ids_are_skipped(cap_q, cap_k):
     gq, gk = odd_geoms(cap_q, cap_k)

@@ -19,6 +19,9 @@ cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 cudaError_t run_backward(const BackwardParams& params, cudaStream_t stream);
 
+// Orders each row's query blocks by descending count for the Hopper forward (no host sync).
+cudaError_t run_schedule(const ScheduleParams& params, cudaStream_t stream);
+
 // Builds the inverse block index on the device (no host synchronisation).
 cudaError_t run_invert(const InvertParams& params, cudaStream_t stream);
 // Query blocks the inverse index can sort (its shared-memory counters, one per query block).

@@ -14,7 +14,9 @@
 // issued back to back, softmax of S_{n+1} runs while P_n V_n is still on the tensor cores.
 // K and V have separate full/empty barriers, so K_{n+1} streams in while P_n V_n runs.
 // The grid is (query-block pairs, heads): blockIdx.x fastest, so CTAs in flight share one
-// head's K/V in L2. `out` leaves through a TMA store of the same box (edge rows clipped).
+// head's K/V in L2; the slots take the query blocks in the launch order of bsa/schedule.cuh
+// (descending counts: a CTA's two lists are about as long, the longest run first). `out`
+// leaves through a TMA store of the same box (edge rows clipped).
 #pragma once
 
 #include <cmath>
@@ -77,6 +79,14 @@ struct Ring {
 __device__ __forceinline__ void release(uint64_t* bar, int lane) {
   __syncwarp();
   if (lane == 0) mbar_arrive(bar);
+}
+
+// The query block that ring slot `slot` (blockIdx.x * kRings + ring) runs: the slot-th entry of
+// the launch order (descending counts, so a CTA's two lists are about as long), or nq for none.
+__device__ __forceinline__ int query_block_of(const ForwardParams& p, int bh, int nq, int slot) {
+  if (slot >= nq) return nq;
+  const int qb = p.order != nullptr ? p.order[static_cast<int64_t>(bh) * nq + slot] : slot;
+  return static_cast<unsigned>(qb) < static_cast<unsigned>(nq) ? qb : nq;
 }
 
 // Pairwise (tree) reduction of t[0..W): short dependency chains, constant indices only.
@@ -260,7 +270,7 @@ __global__ void __launch_bounds__(384, 1)
     const int warp = tid / 32, lane = tid % 32;
     if (warp >= kRings || lane != 0) return;
     const int r = warp;
-    const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
+    const int qb = query_block_of(p, bh, nq, blockIdx.x * kRings + r);
     if (qb >= nq) return;
     Ring<kStages> ring{bars + r * (4 * kStages + 1)};
     unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
@@ -311,7 +321,7 @@ __global__ void __launch_bounds__(384, 1)
   const int c = warpgroup - 1;
   const int r = kRings == 2 ? c : 0;
   const int row0 = kRings == 2 ? 0 : c * 64;  // this warpgroup's first row inside the query block
-  const int qb = kRings == 2 ? blockIdx.x * 2 + r : blockIdx.x;
+  const int qb = query_block_of(p, bh, nq, blockIdx.x * kRings + r);
   if (kPingPong && c == 1) named_barrier_arrive(3, 256);  // warpgroup 0 takes the first turn
   if (qb >= nq) return;
   Ring<kStages> ring{bars + r * (4 * kStages + 1)};

@@ -83,6 +83,7 @@ struct ForwardParams {
   float* lse;
   const int32_t* indices;  // [B, H, Nq, kmax] contiguous
   const int32_t* counts;   // [B, H, Nq] contiguous
+  const int32_t* order;    // [B, H, Nq]: query blocks in launch order (run_schedule), or null: 0, 1, ...
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
@@ -91,6 +92,13 @@ struct ForwardParams {
   Geometry geom_q, geom_k;
   float sm_scale;
   float scale_log2;  // sm_scale * log2(e): softmax runs on exp2
+};
+
+// Launch order of the query blocks (bsa/schedule.cuh): per row, ids by descending count.
+struct ScheduleParams {
+  const int32_t* counts;  // [rows, Nq]
+  int32_t* order;         // [rows, Nq]
+  int rows, nq, kmax;
 };
 
 // Selection: pooling into fp32 workspaces, block scores, then top-k / cdf per query block.
