@@ -206,11 +206,9 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   float lse_row[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float l = row_sum[hr];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    lse_row[hr] = l > 0.f ? (row_max[hr] * p.scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    const RowEnd end = finish_row(row_sum[hr], row_max[hr], p.scale_log2);
+    const float inv = end.inv;
+    lse_row[hr] = end.lse;
 #pragma unroll
     for (int j = 0; j < kDT; ++j) {
       const int row = warp_row + g + 8 * hr;
@@ -454,11 +452,9 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int ri = mt * 2 + hr;
-      float l = row_sum[ri];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      lse_row[ri] = l > 0.f ? (row_max[ri] * p.scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+      const RowEnd end = finish_row(row_sum[ri], row_max[ri], p.scale_log2);
+      const float inv = end.inv;
+      lse_row[ri] = end.lse;
       const int row = warp_row + mt * 16 + g + 8 * hr;
 #pragma unroll
       for (int j = 0; j < kDT; ++j) {

@@ -464,11 +464,9 @@ __global__ void __launch_bounds__(384, 1)
   float lse_row[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float l = row_sum[hr];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    lse_row[hr] = l > 0.f ? (row_max[hr] * scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    const RowEnd end = finish_row(row_sum[hr], row_max[hr], scale_log2);
+    const float inv = end.inv;
+    lse_row[hr] = end.lse;
     const int row = row0 + warp * 16 + g + 8 * hr;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {

@@ -1,6 +1,8 @@
-// Thin wrappers over the sm_80 instructions the kernels use (cp.async, ldmatrix, mma.sync).
+// Thin wrappers over the sm_80 instructions the kernels use (cp.async, ldmatrix, mma.sync),
+// and the softmax helpers both kernel families share.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -69,6 +71,19 @@ __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// The end of one softmax row whose running sum is spread over the four lanes of a quad: the
+// factor that normalises the output (0 for a row without keys) and the row's lse in natural
+// log (-inf without keys), from the running max in score units and the log2-domain scale.
+struct RowEnd {
+  float inv, lse;
+};
+__device__ __forceinline__ RowEnd finish_row(float row_sum, float row_max, float scale_log2) {
+  float l = row_sum;
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  l += __shfl_xor_sync(0xffffffff, l, 2);
+  return {l > 0.f ? 1.f / l : 0.f, l > 0.f ? (row_max * scale_log2 + log2f(l)) * 0.69314718055994531f : -INFINITY};
 }
 
 // D (16x8 fp32) += A (16x16, row) * B (16x8, col).
