@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   const cudaStream_t stream = current_stream(device);
   const bool sm90 = try_sm90(device);
   Tensor order;  // the Hopper kernel's launch order of the query blocks (longest lists first)
-  if (sm90) {
+  if (sm90 && nq <= bsa::kScheduleMaxQueryBlocks) {
     order = torch::stable::new_empty(q, {B, H, nq}, ScalarType::Int);
     const bsa::ScheduleParams sp{p.counts, static_cast<int32_t*>(order.data_ptr()), int(B * H), nq, p.kmax};
     const cudaError_t e = bsa::run_schedule(sp, stream);

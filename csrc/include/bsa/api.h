@@ -21,6 +21,9 @@ cudaError_t run_backward(const BackwardParams& params, cudaStream_t stream);
 
 // Orders each row's query blocks by descending count for the Hopper forward (no host sync).
 cudaError_t run_schedule(const ScheduleParams& params, cudaStream_t stream);
+// Query blocks per row the schedule orders (a 16-bit bucket each in shared memory); above it
+// the forward takes them in id order, which computes the same, only less evenly paired.
+constexpr int kScheduleMaxQueryBlocks = 64 * 1024;
 
 // Builds the inverse block index on the device (no host synchronisation).
 cudaError_t run_invert(const InvertParams& params, cudaStream_t stream);
