@@ -309,11 +309,14 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
   for (int i = 0; i < kHeadDim / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
   if (len > 0) sm90::mbar_wait(kv_full, 0);
 
+  // dV += P^T dO and dK += dS^T Q of a block are left in flight: the next block's S^T and dP^T
+  // are issued behind them, and they are waited for (wait<1>) only before their Q/dO buffer is
+  // refilled or their P/dS registers are rewritten.
+  uint32_t pf[4][4], df[4][4];
   for (int m = 0; m < len; ++m) {
     const int buf = m & 1;
     sm90::mbar_wait(q_full + buf, (m >> 1) & 1);
     cp_async_wait<0>();  // this thread's lse / delta rows of block m
-    __syncthreads();     // ... and every thread's; every warpgroup is past block m-1
     const uint32_t q_tile = q_addr + buf * Tr::kTileQ, do_tile = do_addr + buf * Tr::kTileQ;
     const float* lse_row = s_lse + buf * kCapQ;
     const float* delta_row = s_delta + buf * kCapQ;
@@ -325,11 +328,20 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
       issue_nt<kDType, kHeadDim, kCapK, kCapQ>(s, k_addr, wg * 64, q_tile, col0);    // S^T
       issue_nt<kDType, kHeadDim, kCapK, kCapQ>(dp, v_addr, wg * 64, do_tile, col0);  // dP^T
       sm90::wgmma_commit();
-      // The next query block is requested only now: issued before the products, thread 0's TMA
-      // set-up held the other warps of its warpgroup at their first wgmma.
-      if (col0 == 0 && m + 1 < len) {
-        load_query_block(buf ^ 1, next_qb);
-        next_qb = m + 2 < len ? list[begin + m + 2] : 0;
+      sm90::wgmma_wait<1>();  // the previous dV / dK products are done
+      sm90::fence_registers(acc_dv);
+      sm90::fence_registers(acc_dk);
+      sm90::fence_registers(pf);
+      sm90::fence_registers(df);
+      if (col0 == 0) {
+        // Every thread's lse / delta rows of block m are in, and every warpgroup is past block
+        // m-1's products: its buffer takes block m+1, requested only now (thread 0's TMA set-up
+        // before the products would hold its warpgroup's first wgmma).
+        __syncthreads();
+        if (m + 1 < len) {
+          load_query_block(buf ^ 1, next_qb);
+          next_qb = m + 2 < len ? list[begin + m + 2] : 0;
+        }
       }
       sm90::wgmma_wait<0>();
       sm90::fence_registers(s);
@@ -344,18 +356,19 @@ __global__ void __launch_bounds__(DkdvTraits<kDType, kHeadDim, kCapQ, kCapK>::kT
           dp[4 * j + e] = pr * (dp[4 * j + e] - delta_row[col]);  // dS^T
         }
       }
-      uint32_t pf[4][4], df[4][4];
       pack_a<kDType>(pf, s);
       pack_a<kDType>(df, dp);
       sm90::wgmma_fence();
       issue_rn<kDType, kHeadDim, kCapQ>(acc_dv, pf, do_tile, col0);
       issue_rn<kDType, kHeadDim, kCapQ>(acc_dk, df, q_tile, col0);
       sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers(acc_dv);
-      sm90::fence_registers(acc_dk);
     }
   }
+  sm90::wgmma_wait<0>();
+  sm90::fence_registers(acc_dv);
+  sm90::fence_registers(acc_dk);
+  sm90::fence_registers(pf);
+  sm90::fence_registers(df);
 
   __syncthreads();  // K and V tiles are free for staging dK and dV
   Element* sk = reinterpret_cast<Element*>(smem + Tr::kOffK);
