@@ -101,6 +101,10 @@ __device__ __forceinline__ float tree_reduce(float* t, Op op) {
   }
 }
 
+// How far (log2 units) a row's max may rise before the running max and O are rescaled
+// (128-key tiles).
+constexpr float kLazyMaxLog2 = 8.f;
+
 // Online softmax over one S tile (rows g and g+8 of this thread's warp); returns O's rescale.
 template <int kCapK>
 __device__ __forceinline__ void online_softmax(float (&s)[kCapK / 2], float (&row_max)[2], float (&row_sum)[2],
@@ -116,6 +120,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[kCapK / 2], float (&ro
     float mx = fmaxf(row_max[hr], tree_reduce<kNT>(t, [](float a, float b) { return fmaxf(a, b); }));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    // Keep the running max while the new one exceeds it by at most kLazyMaxLog2 in log2 units:
+    // p then stays <= 2^8 (fp32 sums have room; bf16/fp16 P keeps its relative precision) and
+    // O needs no rescale. out and lse use the same max, so the result is unchanged. Measured on
+    // H100: -3% at 128-key tiles (W720s-c128), +-1% at 64-key tiles, which keep the exact max.
+    if (kCapK == 128 && (mx - row_max[hr]) * scale_log2 <= kLazyMaxLog2) mx = row_max[hr];
     // A row whose keys were all masked so far keeps max -inf: subtracting 0 keeps p = 0, not NaN.
     const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
     const float old = row_max[hr];
