@@ -343,36 +343,48 @@ def test_install_rejects_bad_defaults():
 
 
 # ------------------------------------------------------------------ numerics against dense attention
-def _reference_mask_fn(params):
-    """Dense-path hook: the token mask of the reference selection for these bsa_params."""
+def _reference_mask_fn(params, masks):
+    """Dense-path hook: the token mask of the reference selection for these bsa_params.
+
+    With ``masks`` empty it selects on the fp32 values it is given (what the BSA run selects
+    on) and records each call's mask; otherwise it replays the recorded masks in call order.
+    The fp32 run records and the fp64 run replays, so a near-tie between two key blocks can't
+    make the two dense references attend to different blocks.
+    """
     full = dict(bsa_ext.presets.default_bsa_params(), **params)
+    recording = not masks
+    replay = iter(list(masks))
 
     def fn(q, k, latent_q, latent_k):
+        if not recording:
+            return next(replay)
         gq = ChunkGeometry(tuple(latent_q), tuple(full["chunk_3d_shape_q"]))
         gk = ChunkGeometry(tuple(latent_k), tuple(full["chunk_3d_shape_k"]))
-        # Select on fp32 values in every run, so that the fp64 reference picks the same blocks.
         idx, cnt = reference.select_blocks(q.float(), k.float(), gq, gk, full["sparsity"], full["cdf_threshold"], full.get("max_blocks"))
-        return reference.dense_block_mask(idx, cnt, gq, gk)
+        masks.append(reference.dense_block_mask(idx, cnt, gq, gk))
+        return masks[-1]
 
     return fn
 
 
-def _run(model, dtype, params, call, bsa):
+def _run(model, dtype, params, call, bsa, masks=None):
     m = copy.deepcopy(model).to(dtype)
     if bsa:
         lc.enable_bsa(m, **params)
     else:
         lc.disable_bsa(m)
+        hook = _reference_mask_fn(params, masks)
         for layer in lc.attention_layers(m):
-            layer.dense_mask_fn = _reference_mask_fn(params)
+            layer.dense_mask_fn = hook
     with torch.no_grad():
         return call(m, dtype)
 
 
 def _assert_matches_dense(model, params, call):
     """FlashAttention's rule: BSA (fp32) vs the masked dense module in fp64 (ref) and fp32 (pt)."""
-    ref = _run(model, torch.float64, params, call, bsa=False)
-    pt = _run(model, torch.float32, params, call, bsa=False)
+    masks = []  # the fp32 reference selects and records, the fp64 one replays
+    pt = _run(model, torch.float32, params, call, bsa=False, masks=masks)
+    ref = _run(model, torch.float64, params, call, bsa=False, masks=masks)
     out = _run(model, torch.float32, params, call, bsa=True)
     assert bsa_ext.last_backend() == "torch"
     assert out.dtype == torch.float32 and not torch.isnan(out).any()
