@@ -86,7 +86,7 @@ __device__ __forceinline__ void release(uint64_t* bar, int lane) {
 __device__ __forceinline__ int query_block_of(const ForwardParams& p, int bh, int nq, int slot) {
   if (slot >= nq) return nq;
   const int qb = p.order != nullptr ? p.order[static_cast<int64_t>(bh) * nq + slot] : slot;
-  return static_cast<unsigned>(qb) < static_cast<unsigned>(nq) ? qb : nq;
+  return in_range(qb, nq) ? qb : nq;
 }
 
 // Pairwise (tree) reduction of t[0..W): short dependency chains, constant indices only.
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(384, 1)
     int id = count > 0 ? ids[0] : -1;
     for (int i = 0; i < count; ++i) {
       const int next = i + 1 < count ? ids[i + 1] : -1;  // fetched ahead: its latency hides behind a wait
-      if (static_cast<unsigned>(id) < static_cast<unsigned>(nk)) {
+      if (in_range(id, nk)) {
         const int s = n % kStages;
         const uint32_t free_parity = ((n / kStages) & 1) ^ 1;
         const BoxOrigin ko = box_origin(p.geom_k, id);
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(384, 1)
   const int32_t* list = p.indices + list_row * p.kmax;
   const int list_len = clamped_count(p.counts, list_row, p.kmax);
   int nvalid = 0;
-  for (int i = lane; i < list_len; i += 32) nvalid += static_cast<unsigned>(list[i]) < static_cast<unsigned>(nk);
+  for (int i = lane; i < list_len; i += 32) nvalid += in_range(list[i], nk);
   nvalid = __reduce_add_sync(0xffffffff, nvalid);
 
   // Ping-pong: each warpgroup issues its wgmmas only in its turn, so one warpgroup's softmax
@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(384, 1)
   auto next_valid = [&]() {
     int x = ahead;
     ++cursor;
-    while (static_cast<unsigned>(x) >= static_cast<unsigned>(nk) && cursor < list_len) x = list[cursor++];
+    while (!in_range(x, nk) && cursor < list_len) x = list[cursor++];
     ahead = cursor < list_len ? list[cursor] : -1;
     return x;
   };

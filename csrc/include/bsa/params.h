@@ -40,6 +40,11 @@ __device__ inline void init_row_tables(RowCoord* q_rows, RowCoord* k_rows, const
   for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(gk, r);
 }
 
+// Whether a block id from a user tensor names one of n blocks (one unsigned compare).
+__host__ __device__ inline bool in_range(int id, int n) {
+  return static_cast<unsigned>(id) < static_cast<unsigned>(n);
+}
+
 // A block list's count from a user tensor, clamped to [0, width]: entries past it are never read.
 __host__ __device__ inline int clamped_count(const int32_t* counts, int64_t row, int width) {
   const int n = counts[row];
