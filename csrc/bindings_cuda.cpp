@@ -1,5 +1,5 @@
-// CUDA implementations of the private kernel ops bsa::cuda_select_blocks, bsa::cuda_forward
-// and bsa::cuda_backward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
+// CUDA implementations of the private kernel ops bsa::cuda_select_blocks, bsa::cuda_select_pooled,
+// bsa::cuda_merge, bsa::cuda_forward and bsa::cuda_backward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
 // the kernels assume, allocates outputs through torch, fills the params structs of
 // csrc/include/bsa/params.h and launches on the current stream. No host synchronisation.
 #ifndef USE_CUDA
@@ -251,6 +251,14 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k
   return {dq, dk, dv};
 }
 
+// The selection limits both entry points share (the choosers' shared memory and 16-bit counts).
+void check_select_sizes(int64_t B, int64_t H, int64_t nk, int64_t topk, int64_t width) {
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  STD_TORCH_CHECK(width >= 0 && width <= nk, "width must be in [0, Nk], got ", width);
+  STD_TORCH_CHECK(topk >= 0 && topk <= nk, "topk must be in [0, Nk], got ", topk);
+  STD_TORCH_CHECK(nk < 65536 && nk * 4 <= 200 * 1024, "Nk = ", nk, " key blocks exceed the selection kernel's shared memory");
+}
+
 std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<int64_t> geom_q,
                                               std::vector<int64_t> geom_k, int64_t topk, double cdf_threshold,
                                               int64_t width) {
@@ -263,12 +271,9 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   STD_TORCH_CHECK(k.scalar_type() == q.scalar_type(), "q, k: dtypes differ");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   STD_TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, "k: batch/heads/head_dim differ from q");
-  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
   const int64_t nq = gq.num_blocks(), nk = gk.num_blocks();
-  STD_TORCH_CHECK(width >= 0 && width <= nk, "width must be in [0, Nk], got ", width);
-  STD_TORCH_CHECK(topk >= 0 && topk <= nk, "topk must be in [0, Nk], got ", topk);
+  check_select_sizes(B, H, nk, topk, width);
   STD_TORCH_CHECK(gq.capacity() <= 256 && gk.capacity() <= 256, "chunk capacity must be <= 256 for selection");
-  STD_TORCH_CHECK(nk < 65536 && nk * 4 <= 200 * 1024, "Nk = ", nk, " key blocks exceed the selection kernel's shared memory");
 
   torch::stable::accelerator::DeviceGuard guard(device);
   Tensor indices = torch::stable::new_empty(q, {B, H, nq, width}, ScalarType::Int);
@@ -302,10 +307,95 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   return {indices, counts};
 }
 
+std::tuple<Tensor, Tensor> cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, int64_t topk, double cdf_threshold,
+                                              int64_t width) {
+  const int device = q_pooled.get_device_index();
+  const std::pair<const Tensor*, const char*> named[] = {{&q_pooled, "q_pooled"}, {&k_pooled, "k_pooled"}};
+  for (const auto& [x, name] : named) {
+    STD_TORCH_CHECK(x->is_cuda() && x->get_device_index() == device, name, ": expected a CUDA tensor on device ", device);
+    STD_TORCH_CHECK(x->scalar_type() == ScalarType::Float, name, ": expected float32 pooled blocks");
+    STD_TORCH_CHECK(x->dim() == 4 && x->is_contiguous(), name, ": expected a contiguous [B, H, N, D] tensor");
+    STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, name, ": data pointer not 16-byte aligned");
+  }
+  const int64_t B = q_pooled.size(0), H = q_pooled.size(1), nq = q_pooled.size(2), D = q_pooled.size(3);
+  const int64_t nk = k_pooled.size(2);
+  STD_TORCH_CHECK(k_pooled.size(0) == B && k_pooled.size(1) == H && k_pooled.size(3) == D,
+                  "k_pooled: batch/heads/head_dim differ from q_pooled");
+  check_select_sizes(B, H, nk, topk, width);
+  STD_TORCH_CHECK(nq < (1 << 30), "q_pooled: too many query blocks");
+
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor indices = torch::stable::new_empty(q_pooled, {B, H, nq, width}, ScalarType::Int);
+  Tensor counts = torch::stable::new_empty(q_pooled, {B, H, nq}, ScalarType::Int);
+  if (B * H * nq == 0 || nk == 0) {
+    // No key block to choose: every count is 0 (the attention then gives 0 / -inf).
+    torch::stable::fill_(counts, 0.0);
+    torch::stable::fill_(indices, -1.0);
+    return {indices, counts};
+  }
+  Tensor scores = torch::stable::new_empty(q_pooled, {B, H, nq, nk}, ScalarType::Float);
+  bsa::SelectParams p{};
+  p.q_pooled = static_cast<float*>(q_pooled.data_ptr());
+  p.k_pooled = static_cast<float*>(k_pooled.data_ptr());
+  p.scores = static_cast<float*>(scores.data_ptr());
+  p.indices = static_cast<int32_t*>(indices.data_ptr());
+  p.counts = static_cast<int32_t*>(counts.data_ptr());
+  p.batch = int(B), p.heads = int(H), p.head_dim = int(D);
+  // Only the block counts matter to the scores and the choosers: one row of N blocks.
+  p.geom_q = bsa::Geometry{int(nq), 1, 1, 1, 1, 1, int(nq), 1, 1};
+  p.geom_k = bsa::Geometry{int(nk), 1, 1, 1, 1, 1, int(nk), 1, 1};
+  p.topk = int(topk);
+  p.cdf_threshold = cdf_threshold > 0 ? float(cdf_threshold) : -1.f;
+  p.width = int(width);
+
+  cudaError_t err = cudaSuccess;
+  const bool found = bsa::dispatch_rank(int(D), p, current_stream(device), &err);
+  STD_TORCH_CHECK(found, "bsa cuda_select_pooled: no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_select_pooled: launch failed: ", cudaGetErrorString(err));
+  return {indices, counts};
+}
+
+std::tuple<Tensor, Tensor> cuda_merge(Tensor out1, Tensor lse1, Tensor out2, Tensor lse2) {
+  const int device = out1.get_device_index();
+  const std::pair<const Tensor*, const char*> named[] = {{&out1, "out1"}, {&lse1, "lse1"}, {&out2, "out2"}, {&lse2, "lse2"}};
+  for (const auto& [x, name] : named) {
+    STD_TORCH_CHECK(x->is_cuda() && x->get_device_index() == device, name, ": expected a CUDA tensor on device ", device);
+    STD_TORCH_CHECK(x->is_contiguous(), name, ": expected a contiguous tensor");
+    STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, name, ": data pointer not 16-byte aligned");
+  }
+  const bsa::DType dt = to_dtype(out1, "out1");
+  STD_TORCH_CHECK(out2.scalar_type() == out1.scalar_type(), "out2: dtype differs from out1");
+  STD_TORCH_CHECK(out1.dim() == 4, "out1: expected [B, H, S, D], got ", out1.dim(), " dims");
+  const int64_t B = out1.size(0), H = out1.size(1), S = out1.size(2), D = out1.size(3);
+  STD_TORCH_CHECK(out2.dim() == 4 && out2.size(0) == B && out2.size(1) == H && out2.size(2) == S && out2.size(3) == D,
+                  "out2: shape differs from out1");
+  STD_TORCH_CHECK(D % 8 == 0, "out1: head dim must be a multiple of 8, got ", D);
+  for (const auto& [x, name] : {named[1], named[3]}) {
+    STD_TORCH_CHECK(x->scalar_type() == ScalarType::Float, name, ": expected float32");
+    STD_TORCH_CHECK(x->dim() == 3 && x->size(0) == B && x->size(1) == H && x->size(2) == S, name,
+                    ": expected [B, H, S] matching out1");
+  }
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor out = torch::stable::new_empty(out1, {B, H, S, D});
+  Tensor lse = torch::stable::new_empty(lse1, {B, H, S});
+  bsa::MergeParams p{};
+  p.out1 = out1.data_ptr(), p.out2 = out2.data_ptr();
+  p.lse1 = static_cast<const float*>(lse1.data_ptr()), p.lse2 = static_cast<const float*>(lse2.data_ptr());
+  p.out = out.data_ptr(), p.lse = static_cast<float*>(lse.data_ptr());
+  p.rows = B * H * S, p.head_dim = int(D);
+  cudaError_t err = cudaSuccess;
+  const bool found = bsa::dispatch_merge(dt, p, current_stream(device), &err);
+  STD_TORCH_CHECK(found, "bsa cuda_merge: no kernel for this dtype");
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_merge: launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(bsa, CUDA, m) {
   m.impl("cuda_forward", TORCH_BOX(&cuda_forward));
   m.impl("cuda_select_blocks", TORCH_BOX(&cuda_select_blocks));
+  m.impl("cuda_select_pooled", TORCH_BOX(&cuda_select_pooled));
+  m.impl("cuda_merge", TORCH_BOX(&cuda_merge));
   m.impl("cuda_backward", TORCH_BOX(&cuda_backward));
 }

@@ -29,6 +29,14 @@ STABLE_TORCH_LIBRARY(bsa, m) {
   m.def(
       "cuda_select_blocks(Tensor q, Tensor k, int[] geom_q, int[] geom_k, int topk, "
       "float cdf_threshold, int width) -> (Tensor indices, Tensor counts)");
+  // The same choice from pooled blocks the caller made (fp32 [B, H, N, D], contiguous): the
+  // context-parallel selection, which pools each rank's shard and gathers the pooled keys.
+  m.def(
+      "cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, int topk, float cdf_threshold, "
+      "int width) -> (Tensor indices, Tensor counts)");
+  // Two partial attentions of the same queries over disjoint key sets, merged by their lse
+  // (contiguous [B, H, S, D] outputs, fp32 [B, H, S] lse): the context-parallel forward.
+  m.def("cuda_merge(Tensor out1, Tensor lse1, Tensor out2, Tensor lse2) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_forward(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor counts, "
       "int[] geom_q, int[] geom_k, float sm_scale) -> (Tensor out, Tensor lse)");

@@ -13,11 +13,19 @@ cudaError_t run_forward(const ForwardParams& params, cudaStream_t stream);
 // Pools q and k, scores all block pairs and selects per query block; never synchronises.
 template <DType kDType, int kHeadDim>
 cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
+// The scores and choice alone, from params.q_pooled / k_pooled already filled ([B, H, N, D]
+// fp32); params.q, params.k and the strides are not read.
+template <int kHeadDim>
+cudaError_t run_rank(const SelectParams& params, cudaStream_t stream);
 
 // Backward: delta = rowsum(dout * out), then dq and dk/dv; needs params.qlist/qoffsets from
 // run_invert on the same stream. Deterministic (no atomics); never synchronises.
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 cudaError_t run_backward(const BackwardParams& params, cudaStream_t stream);
+
+// out, lse of two partial attentions merged by their log-sum-exp (SPEC §3 over the union).
+template <DType kDType>
+cudaError_t run_merge(const MergeParams& params, cudaStream_t stream);
 
 // Orders each row's query blocks by descending count for the Hopper forward (no host sync).
 cudaError_t run_schedule(const ScheduleParams& params, cudaStream_t stream);

@@ -106,6 +106,19 @@ struct ScheduleParams {
   int rows, nq, kmax;
 };
 
+// Merge of two partial attentions over disjoint key sets (bsa/merge.cuh). All contiguous:
+// out1, out2, out [rows, head_dim] in the kernel dtype, lse1, lse2, lse [rows] fp32.
+struct MergeParams {
+  const void* out1;
+  const void* out2;
+  const float* lse1;
+  const float* lse2;
+  void* out;
+  float* lse;
+  int64_t rows;
+  int head_dim;  // a multiple of 8
+};
+
 // Selection: pooling into fp32 workspaces, block scores, then top-k / cdf per query block.
 struct SelectParams {
   const void* q;

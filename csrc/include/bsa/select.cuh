@@ -1,4 +1,5 @@
-// Block selection (SPEC §2) in three launches, none of which synchronises with the host:
+// Block selection (SPEC §2) in three launches, none of which synchronises with the host
+// (run_select; run_rank is the last two alone, for pooled inputs the caller made):
 //   1. pool_kernel: mean of the valid tokens of every q and k block, read in place from
 //      the THW tensors with 16-byte loads, fp32 sums, into [B, H, N, D] fp32 workspaces;
 //   2. score_kernel: s = q_pooled . k_pooled^T, fp32-accurate on tensor cores (3xTF32);
@@ -678,16 +679,15 @@ __global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const Select
 
 }  // namespace sel
 
-template <DType kDType, int kHeadDim>
-cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
+// Scores and choice from pooled workspaces that are already filled (run_select's last two
+// stages; alone, the selection of the context-parallel path, which pools shards itself).
+template <int kHeadDim>
+cudaError_t run_rank(const SelectParams& p, cudaStream_t stream) {
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks(), bh = p.batch * p.heads;
   if (nq == 0 || nk == 0 || bh == 0) return cudaSuccess;
-  sel::pool_kernel<kDType, kHeadDim><<<dim3(nq + nk, bh), sel::kPoolThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   const dim3 score_grid((nk + sel::kTile - 1) / sel::kTile, (nq + sel::kTile - 1) / sel::kTile, bh);
   sel::score_kernel<kHeadDim><<<score_grid, sel::kScoreThreads, 0, stream>>>(p);
-  err = cudaGetLastError();
+  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int rows = bh * nq;
   // Measured on H100: the warp chooser wins for short rows and for cdf at any width (the CTA
@@ -714,6 +714,16 @@ cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
   }
   choose<<<dim3(nq, bh), sel::kChooseThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <DType kDType, int kHeadDim>
+cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks(), bh = p.batch * p.heads;
+  if (nq == 0 || nk == 0 || bh == 0) return cudaSuccess;
+  sel::pool_kernel<kDType, kHeadDim><<<dim3(nq + nk, bh), sel::kPoolThreads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return run_rank<kHeadDim>(p, stream);
 }
 
 }  // namespace bsa
