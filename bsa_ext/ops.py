@@ -84,6 +84,32 @@ def _select_impl(q, k, latent_q, latent_k, chunk_q, chunk_k, sparsity, cdf_thres
     return reference.select_blocks(q, k, gq, gk, sparsity, cdf_threshold, max_blocks)
 
 
+def select_pooled(q_pooled, k_pooled, like, geom_q, geom_k, sparsity, cdf_threshold, max_blocks, backend="auto"):
+    """SPEC §2 selection from blocks pooled by the caller (fp32 ``[B, H, N, D]``).
+
+    The context-parallel path pools each rank's shard and gathers the pooled keys, then
+    chooses here. ``like`` is the q tensor the blocks came from: the backend is resolved
+    for its dtype, device and head dim exactly as ``select_blocks`` would resolve it.
+    """
+    _validate.selection_params(sparsity, cdf_threshold, max_blocks)
+    name = resolve_backend(backend, "select", like, geom_q, geom_k)
+    _record("select", name)
+    nk = k_pooled.shape[2]
+    if name == "cuda":
+        topk = topk_count(nk, sparsity) if sparsity is not None else 0
+        width = selection_width(nk, sparsity, cdf_threshold, max_blocks)
+        return torch.ops.bsa.cuda_select_pooled(
+            q_pooled.float().contiguous(), k_pooled.float().contiguous(), topk,
+            -1.0 if cdf_threshold is None else cdf_threshold, width,
+        )
+    if name == "triton":
+        from . import triton as tb
+
+        return tb.select_pooled(q_pooled, k_pooled, sparsity, cdf_threshold, max_blocks)
+    scores = q_pooled @ k_pooled.transpose(-1, -2)
+    return reference.select_from_scores(scores, like.shape[-1], sparsity, cdf_threshold, max_blocks)
+
+
 def _select_fake(q, k, latent_q, latent_k, chunk_q, chunk_k, sparsity, cdf_threshold, max_blocks, backend):
     gq, gk = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     _validate.selection_params(sparsity, cdf_threshold, max_blocks)
@@ -200,10 +226,21 @@ def _fake_cuda_select(q, k, geom_q, geom_k, topk, cdf_threshold, width):
     return q.new_empty((B, H, nq, width), dtype=torch.int32), q.new_empty((B, H, nq), dtype=torch.int32)
 
 
+def _fake_cuda_select_pooled(q_pooled, k_pooled, topk, cdf_threshold, width):
+    B, H, nq = q_pooled.shape[:3]
+    return q_pooled.new_empty((B, H, nq, width), dtype=torch.int32), q_pooled.new_empty((B, H, nq), dtype=torch.int32)
+
+
+def _fake_cuda_merge(out1, lse1, out2, lse2):
+    return torch.empty_like(out1), torch.empty_like(lse1)
+
+
 def _fake_cuda_backward(dout, q, k, v, out, lse, indices, counts, geom_q, geom_k, sm_scale):
     return _grads_like(q, k, v)
 
 
 torch.library.register_fake("bsa::cuda_forward")(_fake_cuda_forward)
 torch.library.register_fake("bsa::cuda_select_blocks")(_fake_cuda_select)
+torch.library.register_fake("bsa::cuda_select_pooled")(_fake_cuda_select_pooled)
+torch.library.register_fake("bsa::cuda_merge")(_fake_cuda_merge)
 torch.library.register_fake("bsa::cuda_backward")(_fake_cuda_backward)

@@ -139,7 +139,8 @@ def run_sparse(case, rank, world, device, backend, group=None):
     shards_k = ChunkShards.split(lk, ck, world, case["rows_k"])
     qr, kr, vr, dr = shards_q.shard(q, rank), shards_k.shard(k, rank), shards_k.shard(v, rank), shards_q.shard(dout, rank)
     stats = {}
-    idx, cnt = sparse_cp_select(qr, kr, shards_q, shards_k, *sel, case.get("max_blocks"), group=group, stats=stats)
+    idx, cnt = sparse_cp_select(qr, kr, shards_q, shards_k, *sel, case.get("max_blocks"), backend=backend, group=group,
+                                stats=stats)
     b0, b1 = shards_q.block_range(rank)
     exact_selection = device == "cpu"
     rows_same = _same_selection(idx, cnt, g_idx[:, :, b0:b1], g_cnt[:, :, b0:b1])

@@ -173,8 +173,18 @@ def test_forward_rejects_misaligned_rows():
 
 
 # ------------------------------------------------------------------ selection
-def _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks):
-    indices, counts = cuda_select(q, k, gq, gk, sparsity, cdf, max_blocks)
+def cuda_select_pooled(q, k, gq, gk, sparsity, cdf, max_blocks):
+    """The same selection from blocks pooled by torch in fp32, as the context-parallel path pools."""
+    topk = topk_count(gk.num_blocks, sparsity) if sparsity is not None else 0
+    width = selection_width(gk.num_blocks, sparsity, cdf, max_blocks)
+    qp, kp = reference.pool_blocks(q, gq).float(), reference.pool_blocks(k, gk).float()
+    B, H = q.shape[:2]
+    _poison(((B, H, gq.num_blocks, width), torch.int32), ((B, H, gq.num_blocks), torch.int32))
+    return torch.ops.bsa.cuda_select_pooled(qp, kp, topk, -1.0 if cdf is None else cdf, width)
+
+
+def _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks, select=cuda_select):
+    indices, counts = select(q, k, gq, gk, sparsity, cdf, max_blocks)
     ref_idx, ref_cnt = reference.select_blocks(q, k, gq, gk, sparsity, cdf, max_blocks)
     width = selection_width(gk.num_blocks, sparsity, cdf, max_blocks)
     assert indices.shape == (*q.shape[:2], gq.num_blocks, width) and indices.dtype == torch.int32
@@ -230,6 +240,39 @@ def test_selection_matches_reference(geoms, sparsity, cdf, max_blocks, dtype, D)
     q = torch.randn(2, 2, gq.seq_len, D, device="cuda").to(dtype)
     k = (torch.randn(2, 2, gk.seq_len, D, device="cuda") * 3).to(dtype)
     _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks)
+
+
+@pytest.mark.parametrize("geoms", SELECT_GEOMS)
+@pytest.mark.parametrize("sparsity,cdf,max_blocks", MODES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_selection_from_pooled_blocks_matches_reference(geoms, sparsity, cdf, max_blocks, D):
+    gq, gk = geom(*geoms[:2]), geom(*geoms[2:])
+    q = torch.randn(2, 3, gq.seq_len, D, device="cuda").to(torch.bfloat16)
+    k = (torch.randn(2, 3, gk.seq_len, D, device="cuda") * 3).to(torch.bfloat16)
+    _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks, select=cuda_select_pooled)
+
+
+@pytest.mark.parametrize("nk", [300, 1300, 2700])
+def test_selection_from_pooled_blocks_long_rows(nk):
+    gq, gk = geom((4, 8, 8), (4, 4, 4)), geom((1, 1, 4 * nk), (1, 1, 4))
+    q, k, _ = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.float16, "cuda", scale=4.0)
+    for sparsity, cdf in ((0.9375, None), (0.875, 0.98)):
+        _check_selection(q, k, gq, gk, sparsity, cdf, None, select=cuda_select_pooled)
+
+
+def test_selection_from_pooled_blocks_rejects_bad_inputs():
+    qp = torch.randn(1, 2, 5, 64, device="cuda")
+    kp = torch.randn(1, 2, 7, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="q_pooled: expected float32"):
+        torch.ops.bsa.cuda_select_pooled(qp.half(), kp, 2, -1.0, 2)
+    with pytest.raises(RuntimeError, match="k_pooled: expected a contiguous"):
+        torch.ops.bsa.cuda_select_pooled(qp, kp.transpose(2, 3), 2, -1.0, 2)
+    with pytest.raises(RuntimeError, match="k_pooled: batch/heads/head_dim differ"):
+        torch.ops.bsa.cuda_select_pooled(qp, kp[:, :1].contiguous(), 2, -1.0, 2)
+    with pytest.raises(RuntimeError, match="width must be in"):
+        torch.ops.bsa.cuda_select_pooled(qp, kp, 2, -1.0, 8)
+    idx, cnt = torch.ops.bsa.cuda_select_pooled(qp, kp, 7, -1.0, 7)  # every key block
+    assert torch.all(cnt == 7) and torch.equal(idx, torch.arange(7, device="cuda", dtype=torch.int32).expand_as(idx))
 
 
 @pytest.mark.parametrize("sparsity,cdf", [(0.9375, None), (None, 0.9), (0.99, 0.5)])
@@ -326,3 +369,45 @@ def test_cuda_graph_capture_matches_eager():
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ merge of partial attentions
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("scale", [1.0, 16.0])
+def test_merge_matches_fp64(dtype, D, scale):
+    from bsa_ext.distributed.sparse_cp import _merge
+
+    B, H, S = 2, 3, 517
+    out1 = torch.randn(B, H, S, D, device="cuda").to(dtype)
+    out2 = torch.randn(B, H, S, D, device="cuda").to(dtype)
+    lse1 = torch.randn(B, H, S, device="cuda") * scale
+    lse2 = torch.randn(B, H, S, device="cuda") * scale
+    # Rows where one part, or both, saw no key block: out 0, lse -inf (SPEC §3).
+    lse1[0, 0, :10], out1[0, 0, :10] = -math.inf, 0
+    lse2[0, 0, 5:20], out2[0, 0, 5:20] = -math.inf, 0
+    _poison(((B, H, S, D), dtype), ((B, H, S), torch.float32))
+    out, lse = torch.ops.bsa.cuda_merge(out1, lse1, out2, lse2)
+    l1, l2 = lse1.double(), lse2.double()
+    ref_lse = torch.logaddexp(l1, l2)
+    base = torch.where(torch.isfinite(ref_lse), ref_lse, torch.zeros_like(ref_lse))
+    ref = out1.double() * torch.exp(l1 - base)[..., None] + out2.double() * torch.exp(l2 - base)[..., None]
+    pt, _ = _merge(out1, lse1, out2, lse2, "torch")
+    assert out.dtype == dtype and out.shape == out1.shape and lse.shape == lse1.shape
+    assert_close_rule(out, ref, pt, "out")
+    empty = torch.isinf(ref_lse)
+    assert int(empty.sum()) == 5
+    assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
+    assert torch.all(out[empty] == 0)
+    assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= 1e-6 * max(1.0, scale)
+
+
+def test_merge_rejects_mismatched_inputs():
+    out = torch.randn(1, 2, 33, 64, device="cuda", dtype=torch.float16)
+    lse = torch.randn(1, 2, 33, device="cuda")
+    with pytest.raises(RuntimeError, match="out2: dtype differs"):
+        torch.ops.bsa.cuda_merge(out, lse, out.bfloat16(), lse)
+    with pytest.raises(RuntimeError, match="lse2: expected float32"):
+        torch.ops.bsa.cuda_merge(out, lse, out, lse.double())
+    with pytest.raises(RuntimeError, match="out1: expected a contiguous"):
+        torch.ops.bsa.cuda_merge(out.transpose(1, 2), lse, out, lse)

@@ -116,3 +116,21 @@ def test_cuda_backend_needs_machine_code_for_the_gpu(cc, archs, runs, monkeypatc
     assert (reason is None) == runs
     if not runs:
         assert f"sm_{cc[0]}{cc[1]}" in reason and "BSA_CUDA_ARCHS" in reason
+
+
+@pytest.mark.parametrize("sparsity,cdf,max_blocks", [(0.75, None, None), (None, 0.9, None), (0.5, 0.95, 4)])
+def test_select_pooled_torch_equals_select_blocks(sparsity, cdf, max_blocks):
+    from bsa_ext import ops
+
+    gq, gk = geom((5, 6, 9), (4, 4, 4)), geom((4, 8, 12), (4, 4, 8))
+    q, k, _ = make_qkv(2, 2, gq.seq_len, gk.seq_len, 32, torch.float64, "cpu", scale=3.0)
+    qp, kp = reference.pool_blocks(q, gq), reference.pool_blocks(k, gk)
+    got = ops.select_pooled(qp, kp, q, gq, gk, sparsity, cdf, max_blocks, "torch")
+    want = reference.select_blocks(q, k, gq, gk, sparsity, cdf, max_blocks)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert bsa_ext.last_backend("select") == "torch"
+    # An explicit backend that cannot run raises and names why; nothing falls back.
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' cannot run bsa select"):
+        ops.select_pooled(qp, kp, q, gq, gk, sparsity, cdf, max_blocks, "cuda")
+    with pytest.raises(ValueError, match="sparsity"):
+        ops.select_pooled(qp, kp, q, gq, gk, 1.5, None, None, "torch")

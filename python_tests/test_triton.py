@@ -194,8 +194,14 @@ def test_inverse_index_lists_selecting_query_blocks():
 
 
 # ------------------------------------------------------------------ selection
-def _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks, exact=True):
-    indices, counts = bsa_triton.select_blocks(q, k, gq, gk, sparsity, cdf, max_blocks)
+def _select_from_pooled(q, k, gq, gk, sparsity, cdf, max_blocks):
+    """The Triton choice from blocks pooled elsewhere (the context-parallel path's entry)."""
+    qp, kp = reference.pool_blocks(q, gq).float(), reference.pool_blocks(k, gk).float()
+    return bsa_triton.select_pooled(qp, kp, sparsity, cdf, max_blocks)
+
+
+def _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks, exact=True, select=bsa_triton.select_blocks):
+    indices, counts = select(q, k, gq, gk, sparsity, cdf, max_blocks)
     ref_idx, ref_cnt = reference.select_blocks(q, k, gq, gk, sparsity, cdf, max_blocks)
     width = selection_width(gk.num_blocks, sparsity, cdf, max_blocks)
     assert indices.shape == (*q.shape[:2], gq.num_blocks, width) and indices.dtype == torch.int32
@@ -237,6 +243,15 @@ def test_selection_matches_reference(geoms, sparsity, cdf, max_blocks, poisoned)
     q = torch.randn(2, 2, gq.seq_len, 64, device=DEVICE).to(torch.float16)
     k = (torch.randn(2, 2, gk.seq_len, 64, device=DEVICE) * 3).to(torch.float16)
     _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("sparsity,cdf,max_blocks", [(0.9375, None, None), (None, 0.9, None), (0.875, 0.98, 3)])
+def test_selection_from_pooled_blocks(sparsity, cdf, max_blocks, poisoned):
+    gq, gk = geom(*SELECT_GEOMS[0][:2]), geom(*SELECT_GEOMS[0][2:])
+    q = torch.randn(2, 2, gq.seq_len, 64, device=DEVICE).to(torch.float16)
+    k = (torch.randn(2, 2, gk.seq_len, 64, device=DEVICE) * 3).to(torch.float16)
+    _check_selection(q, k, gq, gk, sparsity, cdf, max_blocks, select=_select_from_pooled)
 
 
 @pytest.mark.triton_interpret

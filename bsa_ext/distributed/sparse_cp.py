@@ -11,7 +11,8 @@ different chunk shapes).
 Forward (``sparse_cp_flash_attn_bsa_3d``):
 
 1. pool the local keys; ``all_gather`` the pooled keys (``[B, H, Nk_r, D]``: tiny);
-2. score the local query blocks against all key blocks and select (SPEC §2);
+2. score the local query blocks against all key blocks and select (SPEC §2) on the
+   requested backend (``torch.ops.bsa.cuda_select_pooled`` for CUDA);
 3. ``all_to_all_single`` of request masks ``[B, H, Nk_o]`` (uint8) to every owner ``o``;
 4. owners pack the requested (batch, head, chunk) K/V rows; ``all_to_all_single`` with
    uneven splits sends them (one host sync for the split sizes);
@@ -40,7 +41,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import reference
 from ..layout import ChunkGeometry, as_shape3
 
 Shape = Sequence[int]
@@ -166,15 +166,18 @@ def sparse_cp_select(
     cdf_threshold: Optional[float] = None,
     max_blocks: Optional[int] = None,
     *,
+    backend: str = "auto",
     group=None,
     stats: Optional[Dict[str, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """SPEC §2 selection of this rank's query blocks against all key blocks.
 
     Returns ``indices int32 [B, H, Nq_r, Kmax]`` holding *global* key block ids and
-    ``counts int32 [B, H, Nq_r]``. Only the pooled keys travel (``all_gather``).
+    ``counts int32 [B, H, Nq_r]``. Only the pooled keys travel (``all_gather``). The
+    pooling runs in torch; the scores and the choice run on ``backend``, resolved as
+    ``select_blocks`` resolves it for q.
     """
-    from .. import _validate
+    from .. import _validate, ops
 
     _validate.selection_params(sparsity, cdf_threshold, max_blocks)
     rank, world = _world(group)
@@ -194,9 +197,8 @@ def sparse_cp_select(
         _add(stats, "pooled_keys", (world - 1) * _nbytes(padded))
     else:
         q_cmp = pool_local(q, shards_q.local_geometry(rank))
-    scores = q_cmp @ k_cmp.transpose(-1, -2)
-    # The stable sort of select_from_scores sends ties to the smaller id (SPEC §2), on any device.
-    return reference.select_from_scores(scores, q.shape[-1], sparsity, cdf_threshold, max_blocks)
+    geom_q = shards_q.local_geometry(rank)
+    return ops.select_pooled(q_cmp, k_cmp, q, geom_q, shards_k.geom, sparsity, cdf_threshold, max_blocks, backend)
 
 
 def _check_shard(name: str, x: torch.Tensor, shards: ChunkShards, rank: int, world: int) -> None:
@@ -322,8 +324,14 @@ def _split_lists(indices, counts, lo: int, hi: int):
     return out
 
 
-def _merge(out1, lse1, out2, lse2):
-    """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
+def _merge(out1, lse1, out2, lse2, backend: str):
+    """Combine two partial attentions over disjoint key sets by their log-sum-exp.
+
+    ``backend`` is the one that ran the two attentions: "cuda" merges in one kernel
+    (``torch.ops.bsa.cuda_merge``), the others in torch.
+    """
+    if backend == "cuda":
+        return torch.ops.bsa.cuda_merge(out1.contiguous(), lse1.contiguous(), out2.contiguous(), lse2.contiguous())
     lse = torch.logaddexp(lse1, lse2)
     base = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     w1 = torch.exp(lse1 - base)[..., None]
@@ -337,8 +345,12 @@ def _merge(out1, lse1, out2, lse2):
 class _SparseCPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, indices, counts, shards_q, shards_k, sm_scale, backend, overlap, group, stats):
+        from .. import ops
+
         rank, world = _world(group)
         geom_k = shards_k.geom
+        # Resolved once: both attention calls and the merge run on the same backend.
+        backend = ops.resolve_backend(backend, "forward", q, shards_q.local_geometry(rank), geom_k)
         plan = _plan(indices, counts, shards_k, rank, world, group, stats)
         send = _pack(k, v, plan.send_at)
         kv_recv = send.new_empty((sum(plan.recv_rows), 2, k.shape[-1]))
@@ -358,7 +370,7 @@ class _SparseCPAttention(torch.autograd.Function):
             out2, lse2 = torch.ops.bsa.forward(
                 q, kbuf, vbuf, far_ids, far_n, latent_q, list(geom_k.latent), chunk_q, chunk_k, sm_scale, backend
             )
-            out, lse = _merge(out1, lse1, out2, lse2)
+            out, lse = _merge(out1, lse1, out2, lse2, backend)
         else:
             kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, kv_recv)
             out, lse = torch.ops.bsa.forward(
@@ -464,7 +476,9 @@ def sparse_cp_flash_attn_bsa_3d(
     _, world = _world(group)
     shards_q = ChunkShards.split(latent_shape_q, chunk_3d_shape_q, world, rows_q)
     shards_k = ChunkShards.split(latent_shape_k, chunk_3d_shape_k, world, rows_k)
-    indices, counts = sparse_cp_select(q, k, shards_q, shards_k, sparsity, cdf_threshold, max_blocks, group=group, stats=stats)
+    indices, counts = sparse_cp_select(
+        q, k, shards_q, shards_k, sparsity, cdf_threshold, max_blocks, backend=backend, group=group, stats=stats
+    )
     return sparse_cp_attention(
         q, k, v, indices, counts, shards_q, shards_k, backend=backend, overlap=overlap, group=group, stats=stats,
         return_lse=return_lse,

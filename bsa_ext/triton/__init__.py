@@ -22,12 +22,12 @@ else:
 if AVAILABLE_REASON is None:
     from .backward import backward
     from .forward import forward
-    from .select import select_blocks
+    from .select import select_blocks, select_pooled
 else:
 
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"bsa_ext Triton backend unavailable: {AVAILABLE_REASON}")
 
-    select_blocks = forward = backward = _unavailable
+    select_blocks = select_pooled = forward = backward = _unavailable
 
-__all__ = ["AVAILABLE_REASON", "select_blocks", "forward", "backward"]
+__all__ = ["AVAILABLE_REASON", "select_blocks", "select_pooled", "forward", "backward"]

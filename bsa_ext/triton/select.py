@@ -126,12 +126,28 @@ def select_blocks(
     """
     if sparsity is None and cdf_threshold is None:
         raise ValueError("select_blocks: give sparsity, cdf_threshold or both")
-    B, H, _, D = q.shape
-    nq, nk = geom_q.num_blocks, geom_k.num_blocks
-    width = selection_width(nk, sparsity, cdf_threshold, max_blocks)
+    B, H = q.shape[:2]
     qp, kp = pool(q, geom_q), pool(k, geom_k)
-    indices = torch.empty((B * H, nq, width), device=q.device, dtype=torch.int32)
-    counts = torch.empty((B * H, nq), device=q.device, dtype=torch.int32)
+    return select_pooled(qp.view(B, H, *qp.shape[1:]), kp.view(B, H, *kp.shape[1:]), sparsity, cdf_threshold, max_blocks)
+
+
+def select_pooled(
+    q_pooled: torch.Tensor,
+    k_pooled: torch.Tensor,
+    sparsity: Optional[float],
+    cdf_threshold: Optional[float],
+    max_blocks: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``select_blocks`` from pooled blocks (fp32 ``[B, H, N, D]``), same order of entries."""
+    if sparsity is None and cdf_threshold is None:
+        raise ValueError("select_pooled: give sparsity, cdf_threshold or both")
+    B, H, nq, D = q_pooled.shape
+    nk = k_pooled.shape[2]
+    width = selection_width(nk, sparsity, cdf_threshold, max_blocks)
+    qp = q_pooled.float().reshape(B * H, nq, D).contiguous()
+    kp = k_pooled.float().reshape(B * H, nk, D).contiguous()
+    indices = torch.empty((B * H, nq, width), device=qp.device, dtype=torch.int32)
+    counts = torch.empty((B * H, nq), device=qp.device, dtype=torch.int32)
     slab = max(1, _SCORES_PER_SLAB // max(1, nq * nk))
     for bh0 in range(0, B * H, slab):
         bh1 = min(B * H, bh0 + slab)
