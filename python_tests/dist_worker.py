@@ -47,15 +47,19 @@ from bsa_ext.layout import ChunkGeometry  # noqa: E402
 from helpers import assert_close_rule, low_precision_attention  # noqa: E402
 
 # Sparse context-parallel cases: non-divisible latents, uneven shards, Sq != Sk, q/k chunks differing.
+# ``whole_at`` sets sparse_cp._WHOLE_SHARD_AT: 0.0 sends every requested-from shard whole, 2.0
+# never does (rows of the requested chunks only); unset keeps the library's rule.
 SPARSE_CPU = [
     dict(name="sparse_fp64_uneven", dtype="float64", latent_q=(7, 6, 10), latent_k=(7, 6, 10), chunk_q=(2, 4, 4),
-         chunk_k=(2, 4, 4), rows_q=(3, 1), rows_k=(1, 3), sparsity=0.5, cdf=None, overlap=True, scale=1.0),
+         chunk_k=(2, 4, 4), rows_q=(3, 1), rows_k=(1, 3), sparsity=0.5, cdf=None, overlap=True, scale=1.0, whole_at=0.0),
     dict(name="sparse_fp64_sq_ne_sk_cdf", dtype="float64", latent_q=(5, 6, 8), latent_k=(9, 5, 7), chunk_q=(1, 4, 4),
-         chunk_k=(2, 2, 8), rows_q=None, rows_k=(2, 3), sparsity=0.75, cdf=0.9, overlap=False, scale=4.0),
+         chunk_k=(2, 2, 8), rows_q=None, rows_k=(2, 3), sparsity=0.75, cdf=0.9, overlap=False, scale=4.0,
+         whole_at=2.0),
     dict(name="sparse_fp32_fused_x16", dtype="float32", latent_q=(8, 8, 8), latent_k=(8, 8, 8), chunk_q=(2, 4, 4),
-         chunk_k=(2, 4, 4), rows_q=None, rows_k=None, sparsity=0.75, cdf=None, overlap=False, scale=16.0, fused=True),
+         chunk_k=(2, 4, 4), rows_q=None, rows_k=None, sparsity=0.75, cdf=None, overlap=False, scale=16.0, fused=True,
+         whole_at=0.0),
     dict(name="sparse_fp32_overlap_x4", dtype="float32", latent_q=(8, 8, 8), latent_k=(6, 8, 8), chunk_q=(2, 4, 4),
-         chunk_k=(2, 2, 4), rows_q=(3, 1), rows_k=None, sparsity=0.6, cdf=None, overlap=True, scale=4.0),
+         chunk_k=(2, 2, 4), rows_q=(3, 1), rows_k=None, sparsity=0.6, cdf=None, overlap=True, scale=4.0, whole_at=2.0),
     dict(name="sparse_fp64_cdf_maxblocks", dtype="float64", latent_q=(6, 9, 9), latent_k=(6, 9, 9), chunk_q=(2, 4, 4),
          chunk_k=(1, 4, 4), rows_q=(1, 2), rows_k=(4, 2), sparsity=None, cdf=0.6, max_blocks=3, overlap=True, scale=1.0),
 ]
@@ -70,13 +74,13 @@ ULYSSES_CPU = [
 SPARSE_GPU = [
     dict(name="gpu_sparse_bf16_uneven", dtype="bfloat16", latent_q=(9, 12, 20), latent_k=(9, 12, 20), chunk_q=(4, 4, 4),
          chunk_k=(4, 4, 4), rows_q=(2, 1), rows_k=(1, 2), sparsity=0.75, cdf=None, overlap=True, scale=1.0, heads=2,
-         head_dim=128),
+         head_dim=128, whole_at=0.0),
     dict(name="gpu_sparse_fp16_no_overlap_x4", dtype="float16", latent_q=(8, 16, 16), latent_k=(12, 16, 16),
          chunk_q=(4, 4, 4), chunk_k=(4, 4, 8), rows_q=None, rows_k=None, sparsity=0.875, cdf=None, overlap=False,
-         scale=4.0, heads=2, head_dim=128),
+         scale=4.0, heads=2, head_dim=128, whole_at=2.0),
     dict(name="gpu_sparse_bf16_cdf_x16", dtype="bfloat16", latent_q=(8, 12, 16), latent_k=(8, 12, 16), chunk_q=(4, 4, 4),
          chunk_k=(4, 4, 4), rows_q=None, rows_k=None, sparsity=0.875, cdf=0.9, overlap=True, scale=16.0, heads=2,
-         head_dim=64),
+         head_dim=64, whole_at=2.0),
 ]
 ULYSSES_GPU = [
     dict(name="gpu_ulysses_1x2", kind="ulysses", dtype="bfloat16", latent_q=(8, 12, 16), latent_k=(8, 12, 16),
@@ -151,9 +155,14 @@ def run_sparse(case, rank, world, device, backend, group=None):
         assert rows_same >= 0.99, f"{case['name']}: selection agrees on only {rows_same:.2%} of rows"
         idx, cnt = g_idx[:, :, b0:b1].contiguous(), g_cnt[:, :, b0:b1].contiguous()
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (qr, kr, vr))
-    out = sparse_cp_attention(qs, ks, vs, idx, cnt, shards_q, shards_k, backend=backend, overlap=case["overlap"],
-                              group=group, stats=stats)
-    out.backward(dr)
+    default_whole_at = sparse_cp._WHOLE_SHARD_AT
+    sparse_cp._WHOLE_SHARD_AT = case.get("whole_at", default_whole_at)
+    try:
+        out = sparse_cp_attention(qs, ks, vs, idx, cnt, shards_q, shards_k, backend=backend, overlap=case["overlap"],
+                                  group=group, stats=stats)
+        out.backward(dr)
+    finally:
+        sparse_cp._WHOLE_SHARD_AT = default_whole_at
     ref, pt, single = _truth(case, q, k, v, dout, g_idx, g_cnt, backend)
     cut = [shards_q.shard, shards_q.shard, shards_k.shard, shards_k.shard]
     floor = 1e-6 if q.dtype == torch.float64 else 1e-5
@@ -162,6 +171,10 @@ def run_sparse(case, rank, world, device, backend, group=None):
     B, H, _, D = k.shape
     ring = dense_ring_bytes(shards_k, rank, B, H, D, k.element_size())
     assert stats.get("kv", 0) <= ring, f"{case['name']}: fetched {stats.get('kv')} bytes > dense ring {ring}"
+    if case.get("whole_at") == 0.0:  # every shard this rank fetched from came whole
+        assert stats.get("kv_whole", 0) == stats.get("kv", 0) > 0, f"{case['name']}: {stats}"
+    if case.get("whole_at") == 2.0:  # only requested rows travelled
+        assert stats.get("kv_whole", 0) == 0 and stats.get("kv", 0) > 0, f"{case['name']}: {stats}"
     return {"kv_bytes": stats.get("kv", 0), "ring_bytes": ring, **{k_: v_ for k_, v_ in stats.items() if k_ != "kv"}}
 
 

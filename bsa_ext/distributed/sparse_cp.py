@@ -13,23 +13,27 @@ Forward (``sparse_cp_flash_attn_bsa_3d``):
 1. pool the local keys; ``all_gather`` the pooled keys (``[B, H, Nk_r, D]``: tiny);
 2. score the local query blocks against all key blocks and select (SPEC §2) on the
    requested backend (``torch.ops.bsa.cuda_select_pooled`` for CUDA);
-3. ``all_to_all_single`` of request masks ``[B, H, Nk_o]`` (uint8) to every owner ``o``;
-4. owners pack the requested (batch, head, chunk) K/V rows; ``all_to_all_single`` with
-   uneven splits sends them (one host sync for the split sizes);
+3. ``all_to_all_single`` of request masks ``[B, H, Nk_o]`` (uint8) to every owner, then one
+   host sync for the sizes of what travels;
+4. per (owner, requester) pair, point-to-point (``batch_isend_irecv``): the owner's whole
+   K/V shard when the requester wants at least ``_WHOLE_SHARD_AT`` of its chunks (the
+   usual case at LongCat's sparsity: the union of a shard's selections covers nearly
+   everything), else the valid token rows of the requested chunks;
 5. with ``overlap=True`` (default for fp16/bf16) the attention over the blocks this rank
-   owns runs while the fetch is in flight, then the attention over the fetched blocks,
-   and the two partial results merge by their LSE; with ``overlap=False`` (default for
-   fp32/fp64, where the fp32 LSE of the merge would cost precision) one call covers all
-   blocks after the fetch, exactly the single-GPU computation.
+   owns runs while the fetch is in flight, then one attention per whole shard received
+   (ids local to it, no copy) and one over the row-fetched chunks, merged by their LSE;
+   with ``overlap=False`` (default for fp32/fp64, where the fp32 LSE of the merge would
+   cost precision) one call covers all blocks after the fetch, exactly the single-GPU
+   computation.
 
-The fetched chunks land at their own token positions in a zero-filled K/V buffer of the
-global key length, so the kernels run on the global key geometry with the global block
-ids: no index remapping, partial edge chunks stay masked. The buffer is transient
-(built in forward and again in backward); only the fetched rows are kept for backward.
+Row-fetched chunks land at their own token positions in a K/V buffer of the global key
+length, so the kernels run on the global key geometry with the global block ids: no index
+remapping, partial edge chunks stay masked. The buffer is transient (built in forward and
+again in backward); only the received shards and rows are kept for backward.
 
 Backward: one attention-backward call over all selected blocks with the merged
-``out``/``lse``; dK/dV of fetched chunks go back to their owners through the reverse
-``all_to_all_single`` and are added in fp32 there.
+``out``/``lse``; dK/dV of fetched shards and rows go back to their owners by the reverse
+point-to-point exchange and are added in fp32 there.
 """
 
 from __future__ import annotations
@@ -213,26 +217,44 @@ def _check_shard(name: str, x: torch.Tensor, shards: ChunkShards, rank: int, wor
 
 
 # ---------------------------------------------------------------- the fetch plan
+# A requester that wants at least this fraction of an owner's (batch, head, chunk) blocks gets
+# the owner's whole K/V shard instead: at most 1/0.75 of the requested bytes, and no gather on
+# the owner, no scatter into a global-length buffer on the requester (the shard is attended
+# as it arrives). On video-like inputs at sparsity 0.9375 the requests cover ~100% of the other
+# shards (docs/distributed.md), so this is the common case. Requester and owner decide from
+# the same request bits, so they always agree. Tests move it to force either mode.
+_WHOLE_SHARD_AT = 0.75
+
+
 @dataclass
 class _Plan:
-    """Which token rows travel between this rank and each peer.
+    """What travels between this rank and each peer (lists indexed by group rank).
 
-    Rows go chunk by chunk in row-major (peer, batch, head, chunk) order, valid rows only,
-    so sender and receiver derive the same order from the same request masks.
+    ``whole_in[o]``: this rank receives owner ``o``'s whole K/V shard; ``whole_out[r]``: it
+    sends its whole shard to requester ``r``. Other pairs move the valid token rows of the
+    requested chunks, chunk by chunk in row-major (batch, head, chunk) order, so sender and
+    receiver derive the same order from the same request masks.
     """
 
-    recv_rows: List[int]  # rows this rank receives from each owner
-    send_rows: List[int]  # rows this rank sends to each requester
+    whole_in: List[bool]
+    whole_out: List[bool]
+    recv_rows: List[int]  # rows received from each row-fetching owner
+    send_rows: List[int]  # rows sent to each row-fetching requester
     recv_at: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (b, h, global token) of each received row
     send_at: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (b, h, local token) of each sent row
 
+    @property
+    def peers(self) -> List[int]:
+        return [r for r in range(len(self.whole_in)) if self.whole_in[r] or self.whole_out[r]
+                or self.recv_rows[r] or self.send_rows[r]]
 
-def _valid_rows(geom: ChunkGeometry, b, h, j):
-    """(b, h, token) of the valid rows of chunks (b, h, j), chunk by chunk."""
+
+def _valid_rows(geom: ChunkGeometry, b, h, j, n_rows: int):
+    """(b, h, token) of the ``n_rows`` valid rows of chunks (b, h, j), chunk by chunk (no host sync)."""
     tok = geom.token_index(b.device)[j]
-    valid = tok >= 0
-    cap = tok.shape[-1]
-    return b[:, None].expand(-1, cap)[valid], h[:, None].expand(-1, cap)[valid], tok[valid]
+    flat = torch.nonzero_static((tok >= 0).flatten(), size=n_rows).squeeze(1)
+    chunk = torch.div(flat, tok.shape[-1], rounding_mode="floor")
+    return b[chunk], h[chunk], tok.flatten()[flat]
 
 
 def _plan(indices, counts, shards_k: ChunkShards, rank, world, group, stats) -> _Plan:
@@ -253,19 +275,36 @@ def _plan(indices, counts, shards_k: ChunkShards, rank, world, group, stats) -> 
     _all_to_all(requests, send, [B * H * (b1 - b0)] * world, [B * H * (s1 - s0) for s0, s1 in spans], group)
     requests = requests.view(world, B, H, b1 - b0)
     _add(stats, "requests", (world - 1) * B * H * (b1 - b0))
-    # Received chunks: owner by owner, row-major (b, h, j) inside each owner's block range.
-    recv = torch.cat([need[..., s0:s1].nonzero() + torch.tensor([0, 0, s0], device=device) for s0, s1 in spans])
-    sent = requests.nonzero()  # (requester, b, h, local j)
-    valid = geom.valid_counts(device)
-    owner = torch.repeat_interleave(torch.arange(world, device=device), torch.tensor([e - s for s, e in spans], device=device))
-    rows_in = torch.zeros(world, dtype=torch.long, device=device).index_add_(0, owner[recv[:, 2]], valid[recv[:, 2]])
-    rows_out = torch.zeros(world, dtype=torch.long, device=device).index_add_(0, sent[:, 0], valid[sent[:, 3] + b0])
-    splits = torch.cat([rows_in, rows_out]).tolist()  # host sync: all_to_all_single takes split sizes as ints
+    # The one host synchronisation: chunk and row counts wanted from each owner and asked by
+    # each requester (split sizes and the whole-shard decisions are host values).
+    valid = geom.valid_counts(device).long()
+    wanted = [need[..., s0:s1].long() for s0, s1 in spans]
+    asked = requests.long()
+    sizes = torch.stack(
+        [w.sum() for w in wanted] + [(w * valid[s0:s1]).sum() for w, (s0, s1) in zip(wanted, spans)]
+        + list(asked.flatten(1).sum(1)) + list((asked * valid[b0:b1]).flatten(1).sum(1))
+    ).tolist()
+    want_chunks, want_rows = sizes[:world], sizes[world:2 * world]
+    ask_chunks, ask_rows = sizes[2 * world:3 * world], sizes[3 * world:]
+
+    def whole(n_chunks: int, span: Tuple[int, int]) -> bool:
+        return n_chunks > 0 and n_chunks >= _WHOLE_SHARD_AT * B * H * (span[1] - span[0])
+
+    whole_in = [r != rank and whole(want_chunks[r], spans[r]) for r in range(world)]
+    whole_out = [r != rank and whole(ask_chunks[r], (b0, b1)) for r in range(world)]
+    recv_rows = [0 if whole_in[r] or r == rank else want_rows[r] for r in range(world)]
+    send_rows = [0 if whole_out[r] or r == rank else ask_rows[r] for r in range(world)]
+    # Row-fetched chunks, owner by owner (requester by requester), row-major (b, h, j) in each.
+    empty = torch.zeros((0, 3), dtype=torch.long, device=device)
+    recv = [torch.nonzero_static(need[..., s0:s1], size=want_chunks[r]) + torch.tensor([0, 0, s0], device=device)
+            for r, (s0, s1) in enumerate(spans) if recv_rows[r]]
+    sent = [torch.nonzero_static(requests[r], size=ask_chunks[r]) for r in range(world) if send_rows[r]]
+    recv = torch.cat(recv) if recv else empty
+    sent = torch.cat(sent) if sent else empty
     return _Plan(
-        splits[:world],
-        splits[world:],
-        _valid_rows(geom, recv[:, 0], recv[:, 1], recv[:, 2]),
-        _valid_rows(shards_k.local_geometry(rank), sent[:, 1], sent[:, 2], sent[:, 3]),
+        whole_in, whole_out, recv_rows, send_rows,
+        _valid_rows(geom, recv[:, 0], recv[:, 1], recv[:, 2], sum(recv_rows)),
+        _valid_rows(shards_k.local_geometry(rank), sent[:, 0], sent[:, 1], sent[:, 2], sum(send_rows)),
     )
 
 
@@ -277,18 +316,72 @@ def _flat_rows(x: torch.Tensor, at) -> torch.Tensor:
 
 def _gather_rows(x: torch.Tensor, at) -> torch.Tensor:
     # One index_select over flat rows: several times faster than three-tensor advanced indexing.
-    if x.is_contiguous():
-        return x.view(-1, x.shape[-1]).index_select(0, _flat_rows(x, at))
-    return x[at]
+    return x.reshape(-1, x.shape[-1]).index_select(0, _flat_rows(x, at))
 
 
-def _pack(k, v, at) -> torch.Tensor:
-    """``[rows, 2, D]``: the K and V rows at ``at`` (a (b, h, token) triple)."""
-    return torch.stack([_gather_rows(k, at), _gather_rows(v, at)], dim=1)
+def _exchange(sends, recvs, group) -> list:
+    """Point-to-point sends and receives, ``[(group rank, tensor)]`` each, as one batch.
+
+    Per pair the order of tensors is the same on both sides (K then V). Returns the works
+    to wait on (none in a one-rank world).
+    """
+    if not sends and not recvs:
+        return []
+
+    def peer(r: int) -> int:
+        return r if group is None else dist.get_global_rank(group, r)
+
+    ops = [dist.P2POp(dist.isend, t, peer(r), group) for r, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer(r), group) for r, t in recvs]
+    return dist.batch_isend_irecv(ops)
 
 
-def _buffers(k, v, shards_k: ChunkShards, rank, plan: _Plan, kv_recv, own: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Global-length K/V holding the fetched chunks (and this rank's shard if ``own``) at their positions."""
+def _wait(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def _by_peer(x: torch.Tensor, rows: List[int]) -> Dict[int, torch.Tensor]:
+    """The per-peer parts of rows laid out peer by peer (views; contiguous when x is)."""
+    parts = torch.split(x, rows)
+    return {r: part for r, part in enumerate(parts) if rows[r]}
+
+
+def _fetch(k, v, shards_k: ChunkShards, rank, plan: _Plan, group):
+    """Starts this rank's K/V sends and receives; returns (works, received).
+
+    ``received[o]`` is ``(k_o, v_o)``: owner ``o``'s whole shard ``[B, H, S_o, D]`` when
+    ``plan.whole_in[o]``, else its requested rows ``[rows, D]`` (in ``plan.recv_at`` order).
+    """
+    B, H, _, D = k.shape
+    sends, recvs, received = [], [], {}
+    rows_k = _by_peer(_gather_rows(k, plan.send_at), plan.send_rows) if sum(plan.send_rows) else {}
+    rows_v = _by_peer(_gather_rows(v, plan.send_at), plan.send_rows) if sum(plan.send_rows) else {}
+    for r in range(len(plan.whole_in)):
+        if plan.whole_out[r]:
+            sends += [(r, k), (r, v)]
+        elif r in rows_k:
+            sends += [(r, rows_k[r]), (r, rows_v[r])]
+        if plan.whole_in[r]:
+            s0, s1 = shards_k.token_range(r)
+            shape = (B, H, s1 - s0, D)
+        elif plan.recv_rows[r]:
+            shape = (plan.recv_rows[r], D)
+        else:
+            continue
+        received[r] = (k.new_empty(shape), v.new_empty(shape))
+        recvs += [(r, received[r][0]), (r, received[r][1])]
+    return _exchange(sends, recvs, group), received
+
+
+def _received_bytes(received) -> int:
+    return sum(_nbytes(a) + _nbytes(b) for a, b in received.values())
+
+
+def _buffers(k, v, shards_k: ChunkShards, rank, plan: _Plan, received, own: bool = True,
+             whole: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Global-length K/V holding the row-fetched chunks at their positions, plus this rank's
+    shard if ``own`` and the whole shards received if ``whole``."""
     B, H, _, D = k.shape
     shape = (B, H, shards_k.geom.seq_len, D)
     if _BUFFER_FILL is None:
@@ -297,30 +390,43 @@ def _buffers(k, v, shards_k: ChunkShards, rank, plan: _Plan, kv_recv, own: bool 
     else:
         kbuf = torch.full(shape, _BUFFER_FILL, dtype=k.dtype, device=k.device)
         vbuf = torch.full(shape, _BUFFER_FILL, dtype=v.dtype, device=v.device)
-    if own:
-        s0, s1 = shards_k.token_range(rank)
-        kbuf[:, :, s0:s1] = k
-        vbuf[:, :, s0:s1] = v
-    rows = _flat_rows(kbuf, plan.recv_at)
-    kbuf.view(-1, D).index_copy_(0, rows, kv_recv[:, 0])
-    vbuf.view(-1, D).index_copy_(0, rows, kv_recv[:, 1])
+    shards = [(rank, k, v)] if own else []
+    if whole:
+        shards += [(r, *received[r]) for r in received if plan.whole_in[r]]
+    for r, kr, vr in shards:
+        s0, s1 = shards_k.token_range(r)
+        kbuf[:, :, s0:s1] = kr
+        vbuf[:, :, s0:s1] = vr
+    rows = [r for r in received if not plan.whole_in[r]]
+    if rows:
+        at = _flat_rows(kbuf, plan.recv_at)
+        kbuf.view(-1, D).index_copy_(0, at, torch.cat([received[r][0] for r in rows]))
+        vbuf.view(-1, D).index_copy_(0, at, torch.cat([received[r][1] for r in rows]))
     return kbuf, vbuf
 
 
-def _split_lists(indices, counts, lo: int, hi: int):
-    """(own, remote) block lists: entries inside ``[lo, hi)`` as local ids, the others as global ids."""
+def _compact(ids, mask):
+    """Kept entries move to the front in their original order (a prefix count gives each its
+    slot; the others all land in a spare last column that is dropped). No sort, no sync."""
+    kmax = ids.shape[-1]
+    slot = torch.where(mask, torch.cumsum(mask, dim=-1) - 1, kmax)
+    out = torch.full((*ids.shape[:-1], kmax + 1), -1, dtype=torch.int32, device=ids.device)
+    out.scatter_(-1, slot, ids.to(torch.int32))
+    return out[..., :kmax].contiguous(), mask.sum(-1).to(torch.int32)
+
+
+def _split_lists(indices, counts, ranges):
+    """Block lists split by key block range: for each ``(lo, hi)`` of ``ranges`` the entries
+    inside it as ids local to it, then all other entries as global ids."""
     kmax = indices.shape[-1]
     live = torch.arange(kmax, device=indices.device) < counts[..., None]
-    own = (indices >= lo) & (indices < hi) & live
-    remote = ~own & live
+    rest = live.clone()
     out = []
-    for mask, shift in ((own, lo), (remote, 0)):
-        # Kept entries move to the front in their original order (a prefix count gives each its
-        # slot; the others all land in a spare last column that is dropped). No sort needed.
-        slot = torch.where(mask, torch.cumsum(mask, dim=-1) - 1, kmax)
-        ids = torch.full((*indices.shape[:-1], kmax + 1), -1, dtype=torch.int32, device=indices.device)
-        ids.scatter_(-1, slot, (indices - shift).to(torch.int32))
-        out.append((ids[..., :kmax].contiguous(), mask.sum(-1).to(torch.int32)))
+    for lo, hi in ranges:
+        mask = (indices >= lo) & (indices < hi) & live
+        rest &= ~mask
+        out.append(_compact(indices - lo, mask))
+    out.append(_compact(indices, rest))
     return out
 
 
@@ -349,65 +455,94 @@ class _SparseCPAttention(torch.autograd.Function):
 
         rank, world = _world(group)
         geom_k = shards_k.geom
-        # Resolved once: both attention calls and the merge run on the same backend.
+        k, v = k.contiguous(), v.contiguous()
+        # Resolved once: every attention call and the merges run on the same backend.
         backend = ops.resolve_backend(backend, "forward", q, shards_q.local_geometry(rank), geom_k)
         plan = _plan(indices, counts, shards_k, rank, world, group, stats)
-        send = _pack(k, v, plan.send_at)
-        kv_recv = send.new_empty((sum(plan.recv_rows), 2, k.shape[-1]))
-        work = _all_to_all(kv_recv, send, plan.recv_rows, plan.send_rows, group, async_op=overlap)
-        _add(stats, "kv", _nbytes(kv_recv))
+        works, received = _fetch(k, v, shards_k, rank, plan, group)
+        _add(stats, "kv", _received_bytes(received))
+        _add(stats, "kv_whole", _received_bytes({r: t for r, t in received.items() if plan.whole_in[r]}))
         latent_q = list(shards_q.local_latent(rank))
         chunk_q, chunk_k = list(shards_q.geom.chunk), list(geom_k.chunk)
+
+        def attend(kk, vv, ids, n, latent_k):
+            return torch.ops.bsa.forward(q, kk, vv, ids, n, latent_q, list(latent_k), chunk_q, chunk_k, sm_scale, backend)
+
         if overlap:
-            (own_ids, own_n), (far_ids, far_n) = _split_lists(indices, counts, *shards_k.block_range(rank))
-            # The blocks this rank owns need no data from others: compute them while the fetch runs.
-            out1, lse1 = torch.ops.bsa.forward(
-                q, k, v, own_ids, own_n, latent_q, list(shards_k.local_latent(rank)), chunk_q, chunk_k, sm_scale, backend
-            )
-            if work is not None:
-                work.wait()
-            kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, kv_recv, own=False)
-            out2, lse2 = torch.ops.bsa.forward(
-                q, kbuf, vbuf, far_ids, far_n, latent_q, list(geom_k.latent), chunk_q, chunk_k, sm_scale, backend
-            )
-            out, lse = _merge(out1, lse1, out2, lse2, backend)
+            whole = [r for r in received if plan.whole_in[r]]
+            ranges = [shards_k.block_range(r) for r in [rank, *whole]]
+            parts = _split_lists(indices, counts, ranges)
+            # The blocks this rank owns need no data from others: attend to them while the fetch runs.
+            out, lse = attend(k, v, *parts[0], shards_k.local_latent(rank))
+            _wait(works)
+            for r, (ids, n) in zip(whole, parts[1:]):
+                # A whole shard is attended as it arrived, with ids local to it.
+                out, lse = _merge(out, lse, *attend(*received[r], ids, n, shards_k.local_latent(r)), backend)
+            if len(whole) < len(received):
+                kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, received, own=False, whole=False)
+                out, lse = _merge(out, lse, *attend(kbuf, vbuf, *parts[-1], geom_k.latent), backend)
+                del kbuf, vbuf
         else:
-            kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, kv_recv)
-            out, lse = torch.ops.bsa.forward(
-                q, kbuf, vbuf, indices, counts, latent_q, list(geom_k.latent), chunk_q, chunk_k, sm_scale, backend
-            )
-        del kbuf, vbuf
-        ctx.save_for_backward(q, k, v, out, lse, indices, counts, kv_recv)
+            _wait(works)
+            kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, received)
+            out, lse = attend(kbuf, vbuf, indices, counts, geom_k.latent)
+            del kbuf, vbuf
+        peers = sorted(received)
+        ctx.save_for_backward(q, k, v, out, lse, indices, counts, *[t for r in peers for t in received[r]])
+        ctx.peers = peers
         ctx.plan, ctx.shards, ctx.sm_scale, ctx.backend, ctx.group, ctx.stats = plan, (shards_q, shards_k), sm_scale, backend, group, stats
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, indices, counts, kv_recv = ctx.saved_tensors
+        q, k, v, out, lse, indices, counts, *flat = ctx.saved_tensors
+        received = {r: (flat[2 * i], flat[2 * i + 1]) for i, r in enumerate(ctx.peers)}
         plan, (shards_q, shards_k), group = ctx.plan, ctx.shards, ctx.group
-        rank, _ = _world(group)
+        rank, world = _world(group)
         geom_k = shards_k.geom
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, kv_recv)
+        kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, received)
         dq, dkbuf, dvbuf = torch.ops.bsa.backward(
             grad_out, q, kbuf, vbuf, out, lse, indices, counts, list(shards_q.local_latent(rank)), list(geom_k.latent),
             list(shards_q.geom.chunk), list(geom_k.chunk), ctx.sm_scale, ctx.backend,
         )
         del kbuf, vbuf
-        # Gradients of fetched chunks go home through the reverse all-to-all.
-        back = _pack(dkbuf, dvbuf, plan.recv_at)
-        grads = back.new_empty((sum(plan.send_rows), *back.shape[1:]))
-        _all_to_all(grads, back, plan.send_rows, plan.recv_rows, group)
-        _add(ctx.stats, "grad_kv", _nbytes(grads))
+        # Gradients of fetched K/V go home (the reverse of the forward's exchange) and are
+        # added in fp32 by their owner: several requesters may return gradients for one chunk.
+        sends, recvs = [], []
+        rows_k = _by_peer(_gather_rows(dkbuf, plan.recv_at), plan.recv_rows) if sum(plan.recv_rows) else {}
+        rows_v = _by_peer(_gather_rows(dvbuf, plan.recv_at), plan.recv_rows) if sum(plan.recv_rows) else {}
+        for r in received:
+            if plan.whole_in[r]:
+                s0, s1 = shards_k.token_range(r)
+                sends += [(r, dkbuf[:, :, s0:s1].contiguous()), (r, dvbuf[:, :, s0:s1].contiguous())]
+            else:
+                sends += [(r, rows_k[r]), (r, rows_v[r])]
+        back = {}
+        for r in range(world):
+            if plan.whole_out[r]:
+                back[r] = (torch.empty_like(k), torch.empty_like(v))
+            elif plan.send_rows[r]:
+                back[r] = (k.new_empty((plan.send_rows[r], k.shape[-1])), v.new_empty((plan.send_rows[r], v.shape[-1])))
+            else:
+                continue
+            recvs += [(r, back[r][0]), (r, back[r][1])]
+        _wait(_exchange(sends, recvs, group))
+        _add(ctx.stats, "grad_kv", _received_bytes(back))
         s0, s1 = shards_k.token_range(rank)
         acc = torch.promote_types(k.dtype, torch.float32)
         dk = dkbuf[:, :, s0:s1].to(acc)
         dv = dvbuf[:, :, s0:s1].to(acc)
-        # Several requesters may return gradients for one chunk: accumulate.
-        dk.index_put_(plan.send_at, grads[:, 0].to(acc), accumulate=True)
-        dv.index_put_(plan.send_at, grads[:, 1].to(acc), accumulate=True)
+        rows = [r for r in back if not plan.whole_out[r]]
+        if rows:
+            dk.index_put_(plan.send_at, torch.cat([back[r][0] for r in rows]).to(acc), accumulate=True)
+            dv.index_put_(plan.send_at, torch.cat([back[r][1] for r in rows]).to(acc), accumulate=True)
+        for r in back:
+            if plan.whole_out[r]:
+                dk += back[r][0]
+                dv += back[r][1]
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
 
 
