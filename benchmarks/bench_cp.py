@@ -58,14 +58,18 @@ def _max_over_ranks(value: int, world: int) -> int:
     return int(t.item())
 
 
-def _profile(fn, rank: int) -> None:
-    """Two calls of ``fn`` under the torch profiler on every rank (collectives must match); rank 0 prints."""
+def _profile(fn, rank: int, trace_dir=None) -> None:
+    """Two calls of ``fn`` under the torch profiler on every rank (collectives must match); rank 0
+    prints. With ``trace_dir`` every rank writes its chrome trace there (rank<r>.json)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             fn()
         torch.cuda.synchronize()
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, f"rank{rank}.json"))
     if rank == 0:
         for key in ("cuda_time_total", "cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
@@ -81,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-backward", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print rank 0's profile of two sparse-CP forwards")
+    parser.add_argument("--trace-dir", default=None, help="with --profile: every rank's chrome trace goes here")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
         record("total", "sparse_cp", world, ms, bsa_ext.last_backend("forward"), bytes_received=fwd_bytes,
                dense_ring_bytes=ring, overlap=overlap, **{f"bytes_{key}": val for key, val in received.items()})
         if args.profile:
-            _profile(lambda: cp(qs, ks, vs), rank)
+            _profile(lambda: cp(qs, ks, vs), rank, args.trace_dir)
         if not args.skip_backward:
             qg, kg, vg = (x.detach().requires_grad_() for x in (qs, ks, vs))
             bstats: dict = {}

@@ -231,6 +231,10 @@ def _fake_cuda_select_pooled(q_pooled, k_pooled, topk, cdf_threshold, width):
     return q_pooled.new_empty((B, H, nq, width), dtype=torch.int32), q_pooled.new_empty((B, H, nq), dtype=torch.int32)
 
 
+def _fake_cuda_pool_blocks(x, geom):
+    return x.new_empty((*x.shape[:2], geom[6] * geom[7] * geom[8], x.shape[-1]), dtype=torch.float32)
+
+
 def _fake_cuda_merge(out1, lse1, out2, lse2):
     return torch.empty_like(out1), torch.empty_like(lse1)
 
@@ -243,4 +247,5 @@ torch.library.register_fake("bsa::cuda_forward")(_fake_cuda_forward)
 torch.library.register_fake("bsa::cuda_select_blocks")(_fake_cuda_select)
 torch.library.register_fake("bsa::cuda_select_pooled")(_fake_cuda_select_pooled)
 torch.library.register_fake("bsa::cuda_merge")(_fake_cuda_merge)
+torch.library.register_fake("bsa::cuda_pool_blocks")(_fake_cuda_pool_blocks)
 torch.library.register_fake("bsa::cuda_backward")(_fake_cuda_backward)

@@ -1,5 +1,5 @@
-// CUDA implementations of the private kernel ops bsa::cuda_select_blocks, bsa::cuda_select_pooled,
-// bsa::cuda_merge, bsa::cuda_forward and bsa::cuda_backward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
+// CUDA implementations of the private kernel ops bsa::cuda_select_blocks, bsa::cuda_pool_blocks,
+// bsa::cuda_select_pooled, bsa::cuda_merge, bsa::cuda_forward and bsa::cuda_backward (schemas: csrc/schema.cpp). Stable ABI only: this file checks what
 // the kernels assume, allocates outputs through torch, fills the params structs of
 // csrc/include/bsa/params.h and launches on the current stream. No host synchronisation.
 #ifndef USE_CUDA
@@ -355,6 +355,29 @@ std::tuple<Tensor, Tensor> cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, 
   return {indices, counts};
 }
 
+Tensor cuda_pool_blocks(Tensor x, std::vector<int64_t> geom) {
+  const bsa::Geometry g = to_geometry(geom, "geom");
+  const int device = x.get_device_index();
+  check_qkv(x, "x", int64_t(g.T) * g.H * g.W, device);
+  const bsa::DType dt = to_dtype(x, "x");
+  STD_TORCH_CHECK(g.capacity() <= 256, "geom: chunk capacity must be <= 256 for pooling");
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3), n = g.num_blocks();
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor pooled = torch::stable::new_empty(x, {B, H, n, D}, ScalarType::Float);
+  bsa::SelectParams p{};
+  p.q = x.data_ptr();
+  strides_of(x, &p.q_batch_stride, &p.q_head_stride, &p.q_row_stride);
+  p.q_pooled = static_cast<float*>(pooled.data_ptr());
+  p.batch = int(B), p.heads = int(H), p.head_dim = int(D);
+  p.geom_q = g, p.geom_k = g;
+  cudaError_t err = cudaSuccess;
+  const bool found = bsa::dispatch_pool(dt, int(D), p, current_stream(device), &err);
+  STD_TORCH_CHECK(found, "bsa cuda_pool_blocks: no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_pool_blocks: launch failed: ", cudaGetErrorString(err));
+  return pooled;
+}
+
 std::tuple<Tensor, Tensor> cuda_merge(Tensor out1, Tensor lse1, Tensor out2, Tensor lse2) {
   const int device = out1.get_device_index();
   const std::pair<const Tensor*, const char*> named[] = {{&out1, "out1"}, {&lse1, "lse1"}, {&out2, "out2"}, {&lse2, "lse2"}};
@@ -397,5 +420,6 @@ STABLE_TORCH_LIBRARY_IMPL(bsa, CUDA, m) {
   m.impl("cuda_select_blocks", TORCH_BOX(&cuda_select_blocks));
   m.impl("cuda_select_pooled", TORCH_BOX(&cuda_select_pooled));
   m.impl("cuda_merge", TORCH_BOX(&cuda_merge));
+  m.impl("cuda_pool_blocks", TORCH_BOX(&cuda_pool_blocks));
   m.impl("cuda_backward", TORCH_BOX(&cuda_backward));
 }

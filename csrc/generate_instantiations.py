@@ -106,7 +106,8 @@ def main() -> None:
         _write(
             name,
             HEADER + '#include "bsa/select.cuh"\n\n'
-            f"template cudaError_t bsa::run_select<bsa::DType::{DTYPES[dt]}, {d}>(const bsa::SelectParams&, cudaStream_t);\n",
+            f"template cudaError_t bsa::run_select<bsa::DType::{DTYPES[dt]}, {d}>(const bsa::SelectParams&, cudaStream_t);\n"
+            f"template cudaError_t bsa::run_pool<bsa::DType::{DTYPES[dt]}, {d}>(const bsa::SelectParams&, cudaStream_t);\n",
         )
     for family, d in RANK:
         name = f"{family}_hdim{d}.cu"
@@ -134,6 +135,10 @@ def main() -> None:
     lines.append("inline bool dispatch_select(DType dt, int d, const SelectParams& p, cudaStream_t s, cudaError_t* err) {\n")
     for _, dt, d in SELECT:
         lines.append(f"  if (dt == DType::{DTYPES[dt]} && d == {d}) {{ *err = run_select<DType::{DTYPES[dt]}, {d}>(p, s); return true; }}\n")
+    lines.append("  return false;\n}\n\n")
+    lines.append("inline bool dispatch_pool(DType dt, int d, const SelectParams& p, cudaStream_t s, cudaError_t* err) {\n")
+    for _, dt, d in SELECT:
+        lines.append(f"  if (dt == DType::{DTYPES[dt]} && d == {d}) {{ *err = run_pool<DType::{DTYPES[dt]}, {d}>(p, s); return true; }}\n")
     lines.append("  return false;\n}\n\n")
     lines.append("inline bool dispatch_rank(int d, const SelectParams& p, cudaStream_t s, cudaError_t* err) {\n")
     for _, d in RANK:

@@ -34,6 +34,8 @@ STABLE_TORCH_LIBRARY(bsa, m) {
   m.def(
       "cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, int topk, float cdf_threshold, "
       "int width) -> (Tensor indices, Tensor counts)");
+  // The selection's pooling alone: fp32 [B, H, N, D] means of the valid tokens of each chunk.
+  m.def("cuda_pool_blocks(Tensor x, int[] geom) -> Tensor");
   // Two partial attentions of the same queries over disjoint key sets, merged by their lse
   // (contiguous [B, H, S, D] outputs, fp32 [B, H, S] lse): the context-parallel forward.
   m.def("cuda_merge(Tensor out1, Tensor lse1, Tensor out2, Tensor lse2) -> (Tensor out, Tensor lse)");

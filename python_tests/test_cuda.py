@@ -260,6 +260,20 @@ def test_selection_from_pooled_blocks_long_rows(nk):
         _check_selection(q, k, gq, gk, sparsity, cdf, None, select=cuda_select_pooled)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_pool_blocks_matches_reference(dtype, D):
+    for latent, chunk, fused in (((5, 6, 9), (4, 4, 4), False), ((3, 5, 7), (2, 2, 4), True), ((4, 8, 8), (4, 4, 8), False)):
+        g = geom(latent, chunk)
+        x, _, _ = make_qkv(2, 3, g.seq_len, g.seq_len, D, dtype, "cuda", scale=4.0, fused=fused)
+        _poison(((2, 3, g.num_blocks, D), torch.float32))
+        got = torch.ops.bsa.cuda_pool_blocks(x, g.as_ints())
+        want = reference.pool_blocks(x, g)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        # fp32 sums of at most 256 half-precision values, divided once.
+        assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 def test_selection_from_pooled_blocks_rejects_bad_inputs():
     qp = torch.randn(1, 2, 5, 64, device="cuda")
     kp = torch.randn(1, 2, 7, 64, device="cuda")

@@ -161,6 +161,17 @@ def pool_local(x: torch.Tensor, geom: ChunkGeometry) -> torch.Tensor:
     return sums / geom.valid_counts(x.device).to(acc)[:, None]
 
 
+def _pool(x: torch.Tensor, geom: ChunkGeometry, backend: str) -> torch.Tensor:
+    """``pool_local`` on ``backend``: fp32 ``[B, H, N, D]`` (fp64 on CPU for the torch backend)."""
+    if backend == "cuda":
+        return torch.ops.bsa.cuda_pool_blocks(x, geom.as_ints())
+    if backend == "triton":
+        from ..triton.select import pool
+
+        return pool(x, geom).view(*x.shape[:2], geom.num_blocks, x.shape[-1])
+    return pool_local(x, geom)
+
+
 def sparse_cp_select(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,9 +188,8 @@ def sparse_cp_select(
     """SPEC §2 selection of this rank's query blocks against all key blocks.
 
     Returns ``indices int32 [B, H, Nq_r, Kmax]`` holding *global* key block ids and
-    ``counts int32 [B, H, Nq_r]``. Only the pooled keys travel (``all_gather``). The
-    pooling runs in torch; the scores and the choice run on ``backend``, resolved as
-    ``select_blocks`` resolves it for q.
+    ``counts int32 [B, H, Nq_r]``. Only the pooled keys travel (``all_gather``). Pooling,
+    scores and choice run on ``backend``, resolved as ``select_blocks`` resolves it for q.
     """
     from .. import _validate, ops
 
@@ -187,21 +197,22 @@ def sparse_cp_select(
     rank, world = _world(group)
     _check_shard("q", q, shards_q, rank, world)
     _check_shard("k", k, shards_k, rank, world)
-    k_cmp = pool_local(k, shards_k.local_geometry(rank))
+    geom_q = shards_q.local_geometry(rank)
+    backend = ops.resolve_backend(backend, "select", q, geom_q, shards_k.geom)
+    k_cmp = _pool(k, shards_k.local_geometry(rank), backend)
     widest = max(shards_k.block_range(r)[1] - shards_k.block_range(r)[0] for r in range(world))
     if world > 1:
         # all_gather needs equal sizes: pad every rank's pooled keys to the widest shard.
         padded = F.pad(k_cmp, (0, 0, 0, widest - k_cmp.shape[2])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(world)]
         work = dist.all_gather(parts, padded, group=group, async_op=True)
-        q_cmp = pool_local(q, shards_q.local_geometry(rank))
+        q_cmp = _pool(q, geom_q, backend)
         work.wait()
         spans = [shards_k.block_range(r) for r in range(world)]
         k_cmp = torch.cat([p[:, :, : b1 - b0] for p, (b0, b1) in zip(parts, spans)], dim=2)
         _add(stats, "pooled_keys", (world - 1) * _nbytes(padded))
     else:
-        q_cmp = pool_local(q, shards_q.local_geometry(rank))
-    geom_q = shards_q.local_geometry(rank)
+        q_cmp = _pool(q, geom_q, backend)
     return ops.select_pooled(q_cmp, k_cmp, q, geom_q, shards_k.geom, sparsity, cdf_threshold, max_blocks, backend)
 
 
@@ -415,18 +426,20 @@ def _compact(ids, mask):
     return out[..., :kmax].contiguous(), mask.sum(-1).to(torch.int32)
 
 
-def _split_lists(indices, counts, ranges):
+def _split_lists(indices, counts, ranges, rest: bool = True):
     """Block lists split by key block range: for each ``(lo, hi)`` of ``ranges`` the entries
-    inside it as ids local to it, then all other entries as global ids."""
+    inside it as ids local to it, then (if ``rest``) all other entries as global ids."""
     kmax = indices.shape[-1]
     live = torch.arange(kmax, device=indices.device) < counts[..., None]
-    rest = live.clone()
+    others = live.clone() if rest else None
     out = []
     for lo, hi in ranges:
         mask = (indices >= lo) & (indices < hi) & live
-        rest &= ~mask
+        if rest:
+            others &= ~mask
         out.append(_compact(indices - lo, mask))
-    out.append(_compact(indices, rest))
+    if rest:
+        out.append(_compact(indices, others))
     return out
 
 
@@ -471,14 +484,15 @@ class _SparseCPAttention(torch.autograd.Function):
         if overlap:
             whole = [r for r in received if plan.whole_in[r]]
             ranges = [shards_k.block_range(r) for r in [rank, *whole]]
-            parts = _split_lists(indices, counts, ranges)
+            rows = len(whole) < len(received)  # some owners sent rows: their blocks keep global ids
+            parts = _split_lists(indices, counts, ranges, rest=rows)
             # The blocks this rank owns need no data from others: attend to them while the fetch runs.
             out, lse = attend(k, v, *parts[0], shards_k.local_latent(rank))
             _wait(works)
             for r, (ids, n) in zip(whole, parts[1:]):
                 # A whole shard is attended as it arrived, with ids local to it.
                 out, lse = _merge(out, lse, *attend(*received[r], ids, n, shards_k.local_latent(r)), backend)
-            if len(whole) < len(received):
+            if rows:
                 kbuf, vbuf = _buffers(k, v, shards_k, rank, plan, received, own=False, whole=False)
                 out, lse = _merge(out, lse, *attend(kbuf, vbuf, *parts[-1], geom_k.latent), backend)
                 del kbuf, vbuf

@@ -2,3 +2,4 @@
 #include "bsa/select.cuh"
 
 template cudaError_t bsa::run_select<bsa::DType::kBFloat16, 64>(const bsa::SelectParams&, cudaStream_t);
+template cudaError_t bsa::run_pool<bsa::DType::kBFloat16, 64>(const bsa::SelectParams&, cudaStream_t);

@@ -13,6 +13,9 @@ cudaError_t run_forward(const ForwardParams& params, cudaStream_t stream);
 // Pools q and k, scores all block pairs and selects per query block; never synchronises.
 template <DType kDType, int kHeadDim>
 cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
+// The pooling alone: params.q over params.geom_q into params.q_pooled ([B, H, N, D] fp32).
+template <DType kDType, int kHeadDim>
+cudaError_t run_pool(const SelectParams& params, cudaStream_t stream);
 // The scores and choice alone, from params.q_pooled / k_pooled already filled ([B, H, N, D]
 // fp32); params.q, params.k and the strides are not read.
 template <int kHeadDim>

@@ -716,6 +716,16 @@ cudaError_t run_rank(const SelectParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The pooling stage alone, of p.q over p.geom_q into p.q_pooled (p.k is not read): the
+// context-parallel path pools each shard with it before the pooled keys travel.
+template <DType kDType, int kHeadDim>
+cudaError_t run_pool(const SelectParams& p, cudaStream_t stream) {
+  const int n = p.geom_q.num_blocks(), bh = p.batch * p.heads;
+  if (n == 0 || bh == 0) return cudaSuccess;
+  sel::pool_kernel<kDType, kHeadDim><<<dim3(n, bh), sel::kPoolThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <DType kDType, int kHeadDim>
 cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks(), bh = p.batch * p.heads;
