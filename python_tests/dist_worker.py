@@ -60,6 +60,10 @@ SPARSE_CPU = [
          whole_at=0.0),
     dict(name="sparse_fp32_overlap_x4", dtype="float32", latent_q=(8, 8, 8), latent_k=(6, 8, 8), chunk_q=(2, 4, 4),
          chunk_k=(2, 2, 4), rows_q=(3, 1), rows_k=None, sparsity=0.6, cdf=None, overlap=True, scale=4.0, whole_at=2.0),
+    # min_count lets every pair assume its requests cover the other shard: whole shards, no requests exchanged.
+    dict(name="sparse_fp64_whole_without_requests", dtype="float64", latent_q=(8, 8, 16), latent_k=(8, 8, 16),
+         chunk_q=(2, 4, 4), chunk_k=(2, 4, 4), rows_q=None, rows_k=None, sparsity=0.5, cdf=None, overlap=True,
+         scale=1.0, min_count=16),
     dict(name="sparse_fp64_cdf_maxblocks", dtype="float64", latent_q=(6, 9, 9), latent_k=(6, 9, 9), chunk_q=(2, 4, 4),
          chunk_k=(1, 4, 4), rows_q=(1, 2), rows_k=(4, 2), sparsity=None, cdf=0.6, max_blocks=3, overlap=True, scale=1.0),
 ]
@@ -159,7 +163,7 @@ def run_sparse(case, rank, world, device, backend, group=None):
     sparse_cp._WHOLE_SHARD_AT = case.get("whole_at", default_whole_at)
     try:
         out = sparse_cp_attention(qs, ks, vs, idx, cnt, shards_q, shards_k, backend=backend, overlap=case["overlap"],
-                                  group=group, stats=stats)
+                                  group=group, stats=stats, min_count=case.get("min_count"))
         out.backward(dr)
     finally:
         sparse_cp._WHOLE_SHARD_AT = default_whole_at
@@ -173,6 +177,8 @@ def run_sparse(case, rank, world, device, backend, group=None):
     assert stats.get("kv", 0) <= ring, f"{case['name']}: fetched {stats.get('kv')} bytes > dense ring {ring}"
     if case.get("whole_at") == 0.0:  # every shard this rank fetched from came whole
         assert stats.get("kv_whole", 0) == stats.get("kv", 0) > 0, f"{case['name']}: {stats}"
+    if case.get("min_count"):  # assumed covered: whole shards, and no request masks were exchanged
+        assert stats.get("kv_whole", 0) == stats.get("kv", 0) > 0 and "requests" not in stats, f"{case['name']}: {stats}"
     if case.get("whole_at") == 2.0:  # only requested rows travelled
         assert stats.get("kv_whole", 0) == 0 and stats.get("kv", 0) > 0, f"{case['name']}: {stats}"
     return {"kv_bytes": stats.get("kv", 0), "ring_bytes": ring, **{k_: v_ for k_, v_ in stats.items() if k_ != "kv"}}
