@@ -29,7 +29,7 @@ def info() -> int:
         families: dict = {}
         for name in build.get("cuda_kernels", []):  # e.g. fwd_sm80_bf16_hdim128_q64_k64
             parts = name.split("_")
-            cut = next((i for i, p in enumerate(parts) if p in ("fp16", "bf16")), len(parts))
+            cut = next((i for i, p in enumerate(parts) if p in ("fp16", "bf16") or p.startswith("hdim")), len(parts))
             families.setdefault("_".join(parts[:cut]), []).append("_".join(parts[cut:]))
         for family, variants in families.items():
             configs = sorted(v for v in variants if v)
