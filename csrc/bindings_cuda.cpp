@@ -251,6 +251,20 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k
   return {dq, dk, dv};
 }
 
+// The fields of SelectParams both selection entry points fill alike: workspaces, outputs and
+// the rule (the pooling inputs and the geometries are theirs).
+void set_choice(bsa::SelectParams& p, const Tensor& q_pooled, const Tensor& k_pooled, const Tensor& scores,
+                const Tensor& indices, const Tensor& counts, int64_t topk, double cdf_threshold, int64_t width) {
+  p.q_pooled = static_cast<float*>(q_pooled.data_ptr());
+  p.k_pooled = static_cast<float*>(k_pooled.data_ptr());
+  p.scores = static_cast<float*>(scores.data_ptr());
+  p.indices = static_cast<int32_t*>(indices.data_ptr());
+  p.counts = static_cast<int32_t*>(counts.data_ptr());
+  p.topk = int(topk);
+  p.cdf_threshold = cdf_threshold > 0 ? float(cdf_threshold) : -1.f;
+  p.width = int(width);
+}
+
 // The selection limits both entry points share (the choosers' shared memory and 16-bit counts).
 void check_select_sizes(int64_t B, int64_t H, int64_t nk, int64_t topk, int64_t width) {
   STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
@@ -289,16 +303,9 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   p.k = k.data_ptr();
   strides_of(q, &p.q_batch_stride, &p.q_head_stride, &p.q_row_stride);
   strides_of(k, &p.k_batch_stride, &p.k_head_stride, &p.k_row_stride);
-  p.q_pooled = static_cast<float*>(q_pooled.data_ptr());
-  p.k_pooled = static_cast<float*>(k_pooled.data_ptr());
-  p.scores = static_cast<float*>(scores.data_ptr());
-  p.indices = static_cast<int32_t*>(indices.data_ptr());
-  p.counts = static_cast<int32_t*>(counts.data_ptr());
+  set_choice(p, q_pooled, k_pooled, scores, indices, counts, topk, cdf_threshold, width);
   p.batch = int(B), p.heads = int(H), p.head_dim = int(D);
   p.geom_q = gq, p.geom_k = gk;
-  p.topk = int(topk);
-  p.cdf_threshold = cdf_threshold > 0 ? float(cdf_threshold) : -1.f;
-  p.width = int(width);
 
   cudaError_t err = cudaSuccess;
   const bool found = bsa::dispatch_select(dt, int(D), p, current_stream(device), &err);
@@ -335,18 +342,11 @@ std::tuple<Tensor, Tensor> cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, 
   }
   Tensor scores = torch::stable::new_empty(q_pooled, {B, H, nq, nk}, ScalarType::Float);
   bsa::SelectParams p{};
-  p.q_pooled = static_cast<float*>(q_pooled.data_ptr());
-  p.k_pooled = static_cast<float*>(k_pooled.data_ptr());
-  p.scores = static_cast<float*>(scores.data_ptr());
-  p.indices = static_cast<int32_t*>(indices.data_ptr());
-  p.counts = static_cast<int32_t*>(counts.data_ptr());
+  set_choice(p, q_pooled, k_pooled, scores, indices, counts, topk, cdf_threshold, width);
   p.batch = int(B), p.heads = int(H), p.head_dim = int(D);
   // Only the block counts matter to the scores and the choosers: one row of N blocks.
   p.geom_q = bsa::Geometry{int(nq), 1, 1, 1, 1, 1, int(nq), 1, 1};
   p.geom_k = bsa::Geometry{int(nk), 1, 1, 1, 1, 1, int(nk), 1, 1};
-  p.topk = int(topk);
-  p.cdf_threshold = cdf_threshold > 0 ? float(cdf_threshold) : -1.f;
-  p.width = int(width);
 
   cudaError_t err = cudaSuccess;
   const bool found = bsa::dispatch_rank(int(D), p, current_stream(device), &err);

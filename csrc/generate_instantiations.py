@@ -100,31 +100,19 @@ def main() -> None:
     for single in ("invert", "schedule"):  # one translation unit each, no template table
         wanted.add(f"{single}.cu")
         _write(f"{single}.cu", HEADER + f'#include "bsa/{single}.cuh"\n')
+    def unit(name: str, header: str, *instantiations: str) -> None:
+        """One translation unit: the header and explicit instantiations of its launchers."""
+        wanted.add(name)
+        _write(name, HEADER + f'#include "bsa/{header}"\n\n' + "".join(f"template cudaError_t bsa::{i};\n" for i in instantiations))
+
     for family, dt, d in SELECT:
-        name = f"{family}_{dt}_hdim{d}.cu"
-        wanted.add(name)
-        _write(
-            name,
-            HEADER + '#include "bsa/select.cuh"\n\n'
-            f"template cudaError_t bsa::run_select<bsa::DType::{DTYPES[dt]}, {d}>(const bsa::SelectParams&, cudaStream_t);\n"
-            f"template cudaError_t bsa::run_pool<bsa::DType::{DTYPES[dt]}, {d}>(const bsa::SelectParams&, cudaStream_t);\n",
-        )
+        args = f"bsa::DType::{DTYPES[dt]}, {d}"
+        unit(f"{family}_{dt}_hdim{d}.cu", "select.cuh", f"run_select<{args}>(const bsa::SelectParams&, cudaStream_t)",
+             f"run_pool<{args}>(const bsa::SelectParams&, cudaStream_t)")
     for family, d in RANK:
-        name = f"{family}_hdim{d}.cu"
-        wanted.add(name)
-        _write(
-            name,
-            HEADER + '#include "bsa/select.cuh"\n\n'
-            f"template cudaError_t bsa::run_rank<{d}>(const bsa::SelectParams&, cudaStream_t);\n",
-        )
+        unit(f"{family}_hdim{d}.cu", "select.cuh", f"run_rank<{d}>(const bsa::SelectParams&, cudaStream_t)")
     for family, dt in MERGE:
-        name = f"{family}_{dt}.cu"
-        wanted.add(name)
-        _write(
-            name,
-            HEADER + '#include "bsa/merge.cuh"\n\n'
-            f"template cudaError_t bsa::run_merge<bsa::DType::{DTYPES[dt]}>(const bsa::MergeParams&, cudaStream_t);\n",
-        )
+        unit(f"{family}_{dt}.cu", "merge.cuh", f"run_merge<bsa::DType::{DTYPES[dt]}>(const bsa::MergeParams&, cudaStream_t)")
     for stale in os.listdir(OUT):
         if stale.endswith(".cu") and stale not in wanted:
             os.remove(os.path.join(OUT, stale))
