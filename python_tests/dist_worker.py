@@ -59,11 +59,12 @@ SPARSE_CPU = [
          chunk_k=(2, 4, 4), rows_q=None, rows_k=None, sparsity=0.75, cdf=None, overlap=False, scale=16.0, fused=True,
          whole_at=0.0),
     dict(name="sparse_fp32_overlap_x4", dtype="float32", latent_q=(8, 8, 8), latent_k=(6, 8, 8), chunk_q=(2, 4, 4),
-         chunk_k=(2, 2, 4), rows_q=(3, 1), rows_k=None, sparsity=0.6, cdf=None, overlap=True, scale=4.0, whole_at=2.0),
+         chunk_k=(2, 2, 4), rows_q=(3, 1), rows_k=None, sparsity=0.6, cdf=None, overlap=True, scale=4.0, whole_at=2.0,
+         subgroup=True),
     # min_count lets every pair assume its requests cover the other shard: whole shards, no requests exchanged.
     dict(name="sparse_fp64_whole_without_requests", dtype="float64", latent_q=(8, 8, 16), latent_k=(8, 8, 16),
          chunk_q=(2, 4, 4), chunk_k=(2, 4, 4), rows_q=None, rows_k=None, sparsity=0.5, cdf=None, overlap=True,
-         scale=1.0, min_count=16),
+         scale=1.0, min_count=16, subgroup=True),
     dict(name="sparse_fp64_cdf_maxblocks", dtype="float64", latent_q=(6, 9, 9), latent_k=(6, 9, 9), chunk_q=(2, 4, 4),
          chunk_k=(1, 4, 4), rows_q=(1, 2), rows_k=(4, 2), sparsity=None, cdf=0.6, max_blocks=3, overlap=True, scale=1.0),
 ]
@@ -227,13 +228,16 @@ def run_cases(rank, world, dist_backend, init_method, which, result_dir=None, na
     # Unfetched buffer rows become NaN: any read of a chunk that was not sent shows up in the outputs.
     sparse_cp._BUFFER_FILL = float("nan")
     backend = "torch" if device == "cpu" else "auto"
+    subgroup = dist.new_group(list(range(world)))
     results = {}
     for case in CASES[which]:
         if names and case["name"] not in names:
             continue
         try:
             runner = run_ulysses if case.get("kind") == "ulysses" else run_sparse
-            info = runner(case, rank, world, device, backend)
+            # A process group of its own (here: the same ranks) exercises the group-rank to
+            # global-rank mapping of the point-to-point exchange.
+            info = runner(case, rank, world, device, backend, group=subgroup if case.get("subgroup") else None)
             results[case["name"]] = {"status": "ok", **info}
         except Exception:  # noqa: BLE001  (reported per case; the other cases still run)
             results[case["name"]] = {"status": "failed", "error": traceback.format_exc()}
