@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bsa_out}; mkdir -p "$OUT"
 [ -f .device_so/build.tar.xz ] && tar -xJf .device_so/build.tar.xz -C bsa_ext/
 nvidia-smi -L > "$OUT/gpus.log" 2>&1
-PYTHONPATH=. timeout 240 python3 -m pytest python_tests/test_cuda.py -q -k "pool or merge" -p no:cacheprovider \
+PYTHONPATH=. timeout 240 python3 -m pytest python_tests/test_cuda.py -q -k "${OPS_K:-pool or merge}" -p no:cacheprovider \
   > "$OUT/ops_tests.log" 2>&1
 PYTHONPATH=. timeout 300 python3 -m pytest python_tests/test_distributed.py -q -rs -p no:cacheprovider \
   > "$OUT/dist_tests.log" 2>&1
