@@ -253,11 +253,14 @@ def test_selection_from_pooled_blocks_matches_reference(geoms, sparsity, cdf, ma
 
 
 @pytest.mark.parametrize("nk", [300, 1300, 2700])
-def test_selection_from_pooled_blocks_long_rows(nk):
-    gq, gk = geom((4, 8, 8), (4, 4, 4)), geom((1, 1, 4 * nk), (1, 1, 4))
-    q, k, _ = make_qkv(1, 2, gq.seq_len, gk.seq_len, 64, torch.float16, "cuda", scale=4.0)
-    for sparsity, cdf in ((0.9375, None), (0.875, 0.98)):
-        _check_selection(q, k, gq, gk, sparsity, cdf, None, select=cuda_select_pooled)
+@pytest.mark.parametrize("sparsity,cdf", [(0.9375, None), (0.875, 0.98)])
+def test_selection_from_pooled_blocks_long_rows(nk, sparsity, cdf):
+    gq, gk = geom((2, 4, 12), (2, 2, 4)), geom((1, 1, 4 * nk), (1, 1, 4))
+    # Peaked softmax in cdf mode, as in test_selection_key_block_counts_across_kernel_variants: a
+    # near-uniform one over thousands of blocks moves fp32 counts by one, leaving few rows to compare.
+    scale = 4.0 if cdf is None else 16.0
+    q, k, _ = make_qkv(1, 4, gq.seq_len, gk.seq_len, 64, torch.float16, "cuda", scale=scale)
+    _check_selection(q, k, gq, gk, sparsity, cdf, None, select=cuda_select_pooled)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

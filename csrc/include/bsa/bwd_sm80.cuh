@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   load_tile<Element, kHeadDim, kCapQ, kThreads>(sdO, do_base, p.dout_row_stride, q_rows, q_origin, true, tid);
   // Out-of-range ids load zeros and are fully masked, as in the forward: they contribute nothing.
   const int first = count > 0 ? ids[0] : 0;
-  bool live = first >= 0 && first < nk;
+  bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   if (count > 0) {
     load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
     cp_async_wait<0>();  // K_n, V_n (and Q, dO) landed for this thread ...
     __syncthreads();     // ... and every thread; every warp is done with stage^1
     const int nid = next_id;
-    const bool nlive = nid >= 0 && nid < nk;
+    const bool nlive = in_range(nid, nk);
     const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
     if (n + 1 < count) {
       load_tile<Element, kHeadDim, kCapK, kThreads>(sK + (stage ^ 1) * kTile, k_base, p.k_row_stride, k_rows, norigin,

@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
   const int32_t* ids = p.indices + row_id * p.kmax;
   int count = clamped_count(p.counts, row_id, p.kmax);
   // Out-of-range ids load block 0 (finite data) and are masked to P = 0.
-  auto clamp_id = [nk](int id) { return id >= 0 && id < nk ? id : 0; };
+  auto clamp_id = [nk](int id) { return in_range(id, nk) ? id : 0; };
 
   if (tid == 0) {
     sm90::mbar_init(q_full, 1);
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(DqTraits<kDType, kHeadDim, kCapQ, kCapK>::kThr
     const int stage = n & 1;
     sm90::mbar_wait(kv_full + stage, (n >> 1) & 1);
     __syncthreads();  // every warpgroup is past block n-1: its stage can be refilled
-    const bool live = id >= 0 && id < nk;
+    const bool live = in_range(id, nk);
     const BlockOrigin origin = k_edges ? block_origin(p.geom_k, live ? id : 0) : whole;
     const int fetch_id = next_id;
     id = next_id;

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
 
   // Out-of-range ids are clamped for addressing and fully masked: they contribute nothing.
   const int first = count > 0 ? ids[0] : 0;
-  bool live = first >= 0 && first < nk;
+  bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   if (count > 0) {
     load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
     cp_async_wait<0>();
     __syncthreads();
     const int nid = next_id;
-    const bool nlive = nid >= 0 && nid < nk;
+    const bool nlive = in_range(nid, nk);
     const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
     if (n + 1 < count) {
       Element* dk = sK + (stage ^ 1) * kCapK * kHeadDim;
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   load_tile<Element, kHeadDim, kCapQ, kThreads>(sQ, q_base, p.q_row_stride, q_rows, q_origin, true, tid);
   // Out-of-range ids are clamped for addressing and fully masked: they contribute nothing.
   const int first = count > 0 ? ids[0] : 0;
-  bool live = first >= 0 && first < nk;
+  bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   if (count > 0) load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
   cp_async_commit();
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
     cp_async_wait<0>();  // V_n landed
     __syncthreads();     // ... for every thread; every warp is also done reading K_n
     const int nid = next_id;
-    const bool nlive = nid >= 0 && nid < nk;
+    const bool nlive = in_range(nid, nk);
     const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
     if (n + 1 < count) {
       load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, norigin, nlive, tid);

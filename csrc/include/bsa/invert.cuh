@@ -27,7 +27,7 @@ __device__ __forceinline__ int live_key(const InvertParams& p, int row, int i) {
   int count = clamped_count(p.counts, static_cast<int64_t>(row) * p.nq + q, p.kmax);
   if (j >= count) return -1;
   const int id = p.indices[static_cast<int64_t>(row) * p.nq * p.kmax + i];
-  return id >= 0 && id < p.nk ? id : -1;
+  return in_range(id, p.nk) ? id : -1;
 }
 
 __global__ void __launch_bounds__(kThreads) count_kernel(const InvertParams p) {
