@@ -227,3 +227,20 @@ def test_one_rank_without_process_group_equals_single_gpu():
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     assert stats.get("kv", 0) == 0
     assert dense_ring_bytes(ChunkShards.split(latent, chunk, 1), 0, 1, 2, 16, 8) == 0
+
+
+def test_whole_shard_assumption_needs_near_certain_coverage():
+    from bsa_ext.distributed import sparse_cp
+
+    w720 = ChunkShards.split((48, 44, 80), (4, 4, 4), 2)
+    assert sparse_cp._assume_whole(165, w720, w720)  # K = 165 of 2640 blocks, 1320 query blocks per rank
+    assert not sparse_cp._assume_whole(None, w720, w720)  # no bound given: requests are exchanged
+    assert not sparse_cp._assume_whole(1, w720, w720)  # 1 - (1 - 1/2640)^1320 ~ 0.39
+    small = ChunkShards.split((7, 6, 10), (2, 4, 4), 2, [3, 1])  # 6 query blocks on rank 1
+    assert not sparse_cp._assume_whole(12, small, small)  # 1 - 0.5^6 < 0.999 for rank 1's requests
+    default = sparse_cp._WHOLE_SHARD_AT
+    try:
+        sparse_cp._WHOLE_SHARD_AT = 2.0  # whole shards switched off: never assumed either
+        assert not sparse_cp._assume_whole(165, w720, w720)
+    finally:
+        sparse_cp._WHOLE_SHARD_AT = default
