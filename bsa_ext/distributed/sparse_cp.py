@@ -275,11 +275,6 @@ class _Plan:
     recv_at: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (b, h, global token) of each received row
     send_at: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (b, h, local token) of each sent row
 
-    @property
-    def peers(self) -> List[int]:
-        return [r for r in range(len(self.whole_in)) if self.whole_in[r] or self.whole_out[r]
-                or self.recv_rows[r] or self.send_rows[r]]
-
 
 @functools.lru_cache(maxsize=32)
 def _token_index(geom: ChunkGeometry, device: torch.device) -> torch.Tensor:
