@@ -65,6 +65,14 @@ def _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k) -> Tuple[ChunkGeomet
 
 
 # ---------------------------------------------------------------- select_blocks
+def _cuda_rule(nk: int, sparsity, cdf_threshold, max_blocks) -> Tuple[int, float, int]:
+    """The selection rule as the CUDA entry points take it: (topk, cdf_threshold, width), with
+    topk 0 in pure cdf mode and cdf_threshold -1 without the cdf rule."""
+    topk = topk_count(nk, sparsity) if sparsity is not None else 0
+    cdf = -1.0 if cdf_threshold is None else cdf_threshold
+    return topk, cdf, selection_width(nk, sparsity, cdf_threshold, max_blocks)
+
+
 def _select_impl(q, k, latent_q, latent_k, chunk_q, chunk_k, sparsity, cdf_threshold, max_blocks, backend):
     _validate.qkv(q, k)
     gq, gk = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
@@ -72,10 +80,8 @@ def _select_impl(q, k, latent_q, latent_k, chunk_q, chunk_k, sparsity, cdf_thres
     name = resolve_backend(backend, "select", q, gq, gk)
     _record("select", name)
     if name == "cuda":
-        topk = topk_count(gk.num_blocks, sparsity) if sparsity is not None else 0
-        width = selection_width(gk.num_blocks, sparsity, cdf_threshold, max_blocks)
         return torch.ops.bsa.cuda_select_blocks(
-            q, k, gq.as_ints(), gk.as_ints(), topk, -1.0 if cdf_threshold is None else cdf_threshold, width
+            q, k, gq.as_ints(), gk.as_ints(), *_cuda_rule(gk.num_blocks, sparsity, cdf_threshold, max_blocks)
         )
     if name == "triton":
         from . import triton as tb
@@ -96,11 +102,8 @@ def select_pooled(q_pooled, k_pooled, like, geom_q, geom_k, sparsity, cdf_thresh
     _record("select", name)
     nk = k_pooled.shape[2]
     if name == "cuda":
-        topk = topk_count(nk, sparsity) if sparsity is not None else 0
-        width = selection_width(nk, sparsity, cdf_threshold, max_blocks)
         return torch.ops.bsa.cuda_select_pooled(
-            q_pooled.float().contiguous(), k_pooled.float().contiguous(), topk,
-            -1.0 if cdf_threshold is None else cdf_threshold, width,
+            q_pooled.float().contiguous(), k_pooled.float().contiguous(), *_cuda_rule(nk, sparsity, cdf_threshold, max_blocks)
         )
     if name == "triton":
         from . import triton as tb

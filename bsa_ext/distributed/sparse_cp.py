@@ -384,10 +384,13 @@ def _wait(works) -> None:
         w.wait()
 
 
-def _by_peer(x: torch.Tensor, rows: List[int]) -> Dict[int, torch.Tensor]:
-    """The per-peer parts of rows laid out peer by peer (views; contiguous when x is)."""
-    parts = torch.split(x, rows)
-    return {r: part for r, part in enumerate(parts) if rows[r]}
+def _rows_by_peer(k, v, at, rows: List[int]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """The K and V rows at ``at`` (laid out peer by peer, ``rows[r]`` for peer ``r``), gathered
+    once and split per peer: ``{r: (k_rows, v_rows)}`` for the peers with rows."""
+    if not sum(rows):
+        return {}
+    parts_k, parts_v = torch.split(_gather_rows(k, at), rows), torch.split(_gather_rows(v, at), rows)
+    return {r: (parts_k[r], parts_v[r]) for r in range(len(rows)) if rows[r]}
 
 
 def _fetch(k, v, shards_k: ChunkShards, rank, plan: _Plan, group):
@@ -398,13 +401,12 @@ def _fetch(k, v, shards_k: ChunkShards, rank, plan: _Plan, group):
     """
     B, H, _, D = k.shape
     sends, recvs, received = [], [], {}
-    rows_k = _by_peer(_gather_rows(k, plan.send_at), plan.send_rows) if sum(plan.send_rows) else {}
-    rows_v = _by_peer(_gather_rows(v, plan.send_at), plan.send_rows) if sum(plan.send_rows) else {}
+    rows = _rows_by_peer(k, v, plan.send_at, plan.send_rows)
     for r in range(len(plan.whole_in)):
         if plan.whole_out[r]:
             sends += [(r, k), (r, v)]
-        elif r in rows_k:
-            sends += [(r, rows_k[r]), (r, rows_v[r])]
+        elif r in rows:
+            sends += [(r, rows[r][0]), (r, rows[r][1])]
         if plan.whole_in[r]:
             s0, s1 = shards_k.token_range(r)
             shape = (B, H, s1 - s0, D)
@@ -559,14 +561,13 @@ class _SparseCPAttention(torch.autograd.Function):
         # Gradients of fetched K/V go home (the reverse of the forward's exchange) and are
         # added in fp32 by their owner: several requesters may return gradients for one chunk.
         sends, recvs = [], []
-        rows_k = _by_peer(_gather_rows(dkbuf, plan.recv_at), plan.recv_rows) if sum(plan.recv_rows) else {}
-        rows_v = _by_peer(_gather_rows(dvbuf, plan.recv_at), plan.recv_rows) if sum(plan.recv_rows) else {}
+        grad_rows = _rows_by_peer(dkbuf, dvbuf, plan.recv_at, plan.recv_rows)
         for r in received:
             if plan.whole_in[r]:
                 s0, s1 = shards_k.token_range(r)
                 sends += [(r, dkbuf[:, :, s0:s1].contiguous()), (r, dvbuf[:, :, s0:s1].contiguous())]
             else:
-                sends += [(r, rows_k[r]), (r, rows_v[r])]
+                sends += [(r, grad_rows[r][0]), (r, grad_rows[r][1])]
         back = {}
         for r in range(world):
             if plan.whole_out[r]:
