@@ -140,8 +140,8 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
     std::printf("  %-18s %8.0f cycles/step  %5.1f%%\n", names[i], static_cast<double>(c[i]) / c[6],
                 100.0 * c[i] / loop);
   }
-  const int rings = kCapQ == 64 ? 2 : 1;  // query blocks per CTA
-  const double warpgroups = 2.0 * H * ((nq + rings - 1) / rings);
+  using Tr = bsa::sm90::ForwardTraits<bsa::DType::kBFloat16, 128, kCapQ, kCapK>;
+  const double warpgroups = double(Tr::kConsumers) * H * ((nq + Tr::kRings - 1) / Tr::kRings);
   std::printf("  %-18s %8.0f cycles per warpgroup (prologue, first block, last P V, epilogue)\n", names[7],
               static_cast<double>(c[7]) / warpgroups);
 #endif

@@ -1,21 +1,23 @@
 // Block-sparse flash-attention forward for Hopper (sm_90a): TMA + mbarrier + wgmma,
 // warp-specialised.
 //
-// CTA = 3 warpgroups. Warpgroup 0 is the producer: one elected thread per "ring" issues TMA
-// copies of whole 3D chunks (a box (64, w, h, t, 1) of the 5-D view (D, W, H, T, heads) of a
-// THW-ordered tensor, so rows land in chunk order with no layout copy; out-of-bounds rows of
-// partial edge chunks arrive as zeros). Warpgroups 1 and 2 are consumers, 64 query rows each:
+// CTA = 1 producer warpgroup + 2 or 3 consumer warpgroups. Warpgroup 0 is the producer: one
+// elected thread per "ring" issues TMA copies of whole 3D chunks (a box (64, w, h, t, 1) of the
+// 5-D view (D, W, H, T, heads) of a THW-ordered tensor, so rows land in chunk order with no
+// layout copy; out-of-bounds rows of partial edge chunks arrive as zeros). Consumers take 64
+// query rows each:
 //  * capacity-64 query blocks: each consumer owns a different query block with its own key
-//    list and its own K/V ring (two independent streams: while one warpgroup runs softmax the
-//    other's wgmmas keep the tensor cores busy);
-//  * capacity-128 query blocks: both consumers share one ring (one K/V copy feeds 128 rows)
+//    list and its own K/V ring (independent streams: while one warpgroup runs softmax the
+//    others' wgmmas keep the tensor cores busy). With 64-key blocks at head dim 128 there are
+//    three consumers at 160 registers; their rings then hold one K stage and two V stages;
+//  * capacity-128 query blocks: two consumers share one ring (one K/V copy feeds 128 rows)
 //    and take turns issuing their wgmmas (FlashAttention-3-style ping-pong on named barriers).
 // Inside a consumer the loop is software-pipelined: S_{n+1} = Q K_{n+1}^T and O += P_n V_n are
 // issued back to back, softmax of S_{n+1} runs while P_n V_n is still on the tensor cores.
 // K and V have separate full/empty barriers, so K_{n+1} streams in while P_n V_n runs.
-// The grid is (query-block pairs, heads): blockIdx.x fastest, so CTAs in flight share one
-// head's K/V in L2; the slots take the query blocks in the launch order of bsa/schedule.cuh
-// (descending counts: a CTA's two lists are about as long, the longest run first). `out`
+// The grid is (groups of kRings query blocks, heads): blockIdx.x fastest, so CTAs in flight share
+// one head's K/V in L2; the slots take the query blocks in the launch order of bsa/schedule.cuh
+// (descending counts: a CTA's lists are about as long, the longest run first). `out`
 // leaves through a TMA store of the same box (edge rows clipped).
 #pragma once
 
@@ -35,44 +37,64 @@
 namespace bsa {
 namespace sm90 {
 
+// Consumer warpgroups per CTA for capacity-64 query blocks. Three keep the tensor cores busier
+// than two (one warpgroup's softmax no longer leaves them idle half the time), at the price of
+// a shallower K ring; -DBSA_FWD_MAX_CONSUMERS=2 builds the two-consumer kernel for comparison.
+#ifndef BSA_FWD_MAX_CONSUMERS
+#define BSA_FWD_MAX_CONSUMERS 3
+#endif
+
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 struct ForwardTraits {
-  static constexpr int kRings = kCapQ == 64 ? 2 : 1;
-  static constexpr int kConsumersPerRing = 2 / kRings;
-  static constexpr int kThreads = 384;
   static constexpr int kHalves = kHeadDim / 64;          // 64-column (128-byte) boxes per row
   static constexpr int kQBytes = kCapQ * kHeadDim * 2;   // one ring's query tile
   static constexpr int kTileBytes = kCapK * kHeadDim * 2;  // one K or one V tile
+  // Capacity-64 query blocks: one ring (query block, K and V stages) per consumer. Three
+  // consumers for 64-key blocks at head dim 128 (the measured case, docs/PERF.md; their 160
+  // registers hold O, S and P there); two elsewhere. Capacity 128: two consumers, one ring.
+  static constexpr int kConsumers = kCapQ == 64 && kCapK == 64 && kHeadDim == 128 ? BSA_FWD_MAX_CONSUMERS : 2;
+  static constexpr int kRings = kCapQ == 64 ? kConsumers : 1;
+  static constexpr int kConsumersPerRing = kConsumers / kRings;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kSmemLimit = 227 * 1024;
   static constexpr int kReserve = 2048;  // barriers, row tables, alignment slack
-  static constexpr int kStagesFit = (kSmemLimit - kRings * kQBytes - kReserve) / (kRings * 2 * kTileBytes);
-  static constexpr int kStages = kStagesFit > 4 ? 4 : kStagesFit;
-  static_assert(kStages >= 1, "tiles do not fit in shared memory");
+  // Per ring: up to 4 stages of K and of V; where not even two of each fit, one K stage and two
+  // V stages (K_{n+2} then streams in during the softmax of block n+1 and the rescale).
+  static constexpr int kRingBytes = (kSmemLimit - kRings * kQBytes - kReserve) / kRings;
+  static constexpr int kPairsFit = kRingBytes / (2 * kTileBytes);
+  static constexpr int kStagesK = kPairsFit >= 2 ? (kPairsFit > 4 ? 4 : kPairsFit) : 1;
+  static constexpr int kStagesV = kPairsFit >= 2 ? kStagesK : (kRingBytes >= 3 * kTileBytes ? 2 : 1);
+  static_assert(kPairsFit >= 1, "tiles do not fit in shared memory");
   static_assert(kHeadDim % 64 == 0 && kCapQ % 64 == 0 && kCapK % 64 == 0, "64-multiples only");
 
   // Byte offsets from the 1024-aligned base (every tile 1024-aligned for the 128B swizzle).
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + kRings * kQBytes;
-  static constexpr int kOffV = kOffK + kRings * kStages * kTileBytes;
-  static constexpr int kOffBars = kOffV + kRings * kStages * kTileBytes;
-  static constexpr int kNumBars = kRings * (4 * kStages + 1);
+  static constexpr int kOffV = kOffK + kRings * kStagesK * kTileBytes;
+  static constexpr int kOffBars = kOffV + kRings * kStagesV * kTileBytes;
+  static constexpr int kBarsPerRing = 2 * kStagesK + 2 * kStagesV + 1;
+  static constexpr int kNumBars = kRings * kBarsPerRing;
   static constexpr int kOffKRows = kOffBars + 8 * kNumBars;
   static constexpr int kOffQRows = kOffKRows + 4 * kCapK;
   static constexpr int kSmemBytes = kOffQRows + 8 * kCapQ + 1024;
+  static_assert(kSmemBytes <= kSmemLimit, "shared memory");
 
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  // setmaxnreg split of the 64K registers: producer warpgroup small, consumers the rest.
+  static constexpr int kProducerRegs = kConsumers == 3 ? 24 : 40;
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 232;
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
 };
 
-// Barrier set of one ring, laid out [full_k | full_v | empty_k | empty_v][stage], then q_full.
-template <int kStages>
+// Barrier set of one ring, laid out full_k[kStagesK] | full_v[kStagesV] | empty_k[kStagesK] |
+// empty_v[kStagesV] | q_full.
+template <int kStagesK, int kStagesV>
 struct Ring {
   uint64_t* bars;
   __device__ uint64_t* full_k(int s) const { return bars + s; }
-  __device__ uint64_t* full_v(int s) const { return bars + kStages + s; }
-  __device__ uint64_t* empty_k(int s) const { return bars + 2 * kStages + s; }
-  __device__ uint64_t* empty_v(int s) const { return bars + 3 * kStages + s; }
-  __device__ uint64_t* q_full() const { return bars + 4 * kStages; }
+  __device__ uint64_t* full_v(int s) const { return bars + kStagesK + s; }
+  __device__ uint64_t* empty_k(int s) const { return bars + kStagesK + kStagesV + s; }
+  __device__ uint64_t* empty_v(int s) const { return bars + 2 * kStagesK + kStagesV + s; }
+  __device__ uint64_t* q_full() const { return bars + 2 * kStagesK + 2 * kStagesV; }
 };
 
 // Releases a stage: one arrive per warp once all its lanes are past their reads.
@@ -82,7 +104,7 @@ __device__ __forceinline__ void release(uint64_t* bar, int lane) {
 }
 
 // The query block that ring slot `slot` (blockIdx.x * kRings + ring) runs: the slot-th entry of
-// the launch order (descending counts, so a CTA's two lists are about as long), or nq for none.
+// the launch order (descending counts, so a CTA's lists are about as long), or nq for none.
 __device__ __forceinline__ int query_block_of(const ForwardParams& p, int bh, int nq, int slot) {
   if (slot >= nq) return nq;
   const int qb = p.order != nullptr ? p.order[static_cast<int64_t>(bh) * nq + slot] : slot;
@@ -228,7 +250,7 @@ struct PhaseClock {
 #endif
 
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
-__global__ void __launch_bounds__(384, 1)
+__global__ void __launch_bounds__(ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_out,
                    const ForwardParams p, const int bh_base, const int qkv_head_base) {
@@ -236,7 +258,7 @@ __global__ void __launch_bounds__(384, 1)
   __trap();  // built for other targets only so that one build covers every arch; never launched there
 #else
   using Tr = ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>;
-  constexpr int kStages = Tr::kStages;
+  constexpr int kStagesK = Tr::kStagesK, kStagesV = Tr::kStagesV;
   constexpr int kRings = Tr::kRings;
   constexpr int kQRowsPerRing = kCapQ;
 
@@ -254,14 +276,16 @@ __global__ void __launch_bounds__(384, 1)
 
   if (tid == 0) {
     for (int r = 0; r < kRings; ++r) {
-      uint64_t* rb = bars + r * (4 * kStages + 1);
-      for (int s = 0; s < kStages; ++s) {
-        mbar_init(rb + s, 1);
-        mbar_init(rb + kStages + s, 1);
-        mbar_init(rb + 2 * kStages + s, 4 * Tr::kConsumersPerRing);
-        mbar_init(rb + 3 * kStages + s, 4 * Tr::kConsumersPerRing);
+      const Ring<kStagesK, kStagesV> ring{bars + r * Tr::kBarsPerRing};
+      for (int s = 0; s < kStagesK; ++s) {
+        mbar_init(ring.full_k(s), 1);
+        mbar_init(ring.empty_k(s), 4 * Tr::kConsumersPerRing);
       }
-      mbar_init(rb + 4 * kStages, 1);
+      for (int s = 0; s < kStagesV; ++s) {
+        mbar_init(ring.full_v(s), 1);
+        mbar_init(ring.empty_v(s), 4 * Tr::kConsumersPerRing);
+      }
+      mbar_init(ring.q_full(), 1);
     }
     mbar_init_fence();
   }
@@ -281,10 +305,10 @@ __global__ void __launch_bounds__(384, 1)
     const int r = warp;
     const int qb = query_block_of(p, bh, nq, blockIdx.x * kRings + r);
     if (qb >= nq) return;
-    Ring<kStages> ring{bars + r * (4 * kStages + 1)};
+    Ring<kStagesK, kStagesV> ring{bars + r * Tr::kBarsPerRing};
     unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
-    unsigned char* sK = smem + Tr::kOffK + r * kStages * Tr::kTileBytes;
-    unsigned char* sV = smem + Tr::kOffV + r * kStages * Tr::kTileBytes;
+    unsigned char* sK = smem + Tr::kOffK + r * kStagesK * Tr::kTileBytes;
+    unsigned char* sV = smem + Tr::kOffV + r * kStagesV * Tr::kTileBytes;
     prefetch_tensor_map(&tm_q);
     prefetch_tensor_map(&tm_k);
     prefetch_tensor_map(&tm_v);
@@ -303,20 +327,19 @@ __global__ void __launch_bounds__(384, 1)
     for (int i = 0; i < count; ++i) {
       const int next = i + 1 < count ? ids[i + 1] : -1;  // fetched ahead: its latency hides behind a wait
       if (in_range(id, nk)) {
-        const int s = n % kStages;
-        const uint32_t free_parity = ((n / kStages) & 1) ^ 1;
+        const int sk = n % kStagesK, sv = n % kStagesV;
         const BoxOrigin ko = box_origin(p.geom_k, id);
-        mbar_wait(ring.empty_k(s), free_parity);
-        mbar_arrive_expect_tx(ring.full_k(s), Tr::kTileBytes);
+        mbar_wait(ring.empty_k(sk), ((n / kStagesK) & 1) ^ 1);
+        mbar_arrive_expect_tx(ring.full_k(sk), Tr::kTileBytes);
 #pragma unroll
         for (int half = 0; half < Tr::kHalves; ++half)
-          tma_load_5d(sK + s * Tr::kTileBytes + half * kCapK * 128, &tm_k, ring.full_k(s), half * 64, ko.x, ko.y, ko.z,
+          tma_load_5d(sK + sk * Tr::kTileBytes + half * kCapK * 128, &tm_k, ring.full_k(sk), half * 64, ko.x, ko.y, ko.z,
                       qkv_head);
-        mbar_wait(ring.empty_v(s), free_parity);
-        mbar_arrive_expect_tx(ring.full_v(s), Tr::kTileBytes);
+        mbar_wait(ring.empty_v(sv), ((n / kStagesV) & 1) ^ 1);
+        mbar_arrive_expect_tx(ring.full_v(sv), Tr::kTileBytes);
 #pragma unroll
         for (int half = 0; half < Tr::kHalves; ++half)
-          tma_load_5d(sV + s * Tr::kTileBytes + half * kCapK * 128, &tm_v, ring.full_v(s), half * 64, ko.x, ko.y, ko.z,
+          tma_load_5d(sV + sv * Tr::kTileBytes + half * kCapK * 128, &tm_v, ring.full_v(sv), half * 64, ko.x, ko.y, ko.z,
                       qkv_head);
         ++n;
       }
@@ -328,16 +351,16 @@ __global__ void __launch_bounds__(384, 1)
   // -------------------------------------------------------------- consumers
   setmaxnreg_inc<Tr::kConsumerRegs>();
   const int c = warpgroup - 1;
-  const int r = kRings == 2 ? c : 0;
-  const int row0 = kRings == 2 ? 0 : c * 64;  // this warpgroup's first row inside the query block
+  const int r = kRings > 1 ? c : 0;
+  const int row0 = kRings > 1 ? 0 : c * 64;  // this warpgroup's first row inside the query block
   const int qb = query_block_of(p, bh, nq, blockIdx.x * kRings + r);
   if (kPingPong && c == 1) named_barrier_arrive(3, 256);  // warpgroup 0 takes the first turn
   if (qb >= nq) return;
-  Ring<kStages> ring{bars + r * (4 * kStages + 1)};
+  Ring<kStagesK, kStagesV> ring{bars + r * Tr::kBarsPerRing};
   unsigned char* sQ = smem + Tr::kOffQ + r * Tr::kQBytes;
   const uint32_t q_addr = smem_u32(sQ) + row0 * 128;
-  const uint32_t k_addr0 = smem_u32(smem + Tr::kOffK + r * kStages * Tr::kTileBytes);
-  const uint32_t v_addr0 = smem_u32(smem + Tr::kOffV + r * kStages * Tr::kTileBytes);
+  const uint32_t k_addr0 = smem_u32(smem + Tr::kOffK + r * kStagesK * Tr::kTileBytes);
+  const uint32_t v_addr0 = smem_u32(smem + Tr::kOffV + r * kStagesV * Tr::kTileBytes);
 
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   const int g = lane / 4, quad = lane % 4;
@@ -410,17 +433,21 @@ __global__ void __launch_bounds__(384, 1)
     online_softmax<kCapK>(s_acc, row_max, row_sum, corr, scale_log2);
     pack_p<kDType, kCapK>(pf, s_acc);
 
-    // Steady state. Stage and phase of block n (s0, ph0) and of block n + 1 (s1, ph1) advance
-    // by increments, not by n % kStages.
-    int s0 = 0, s1 = 1 % kStages;
-    uint32_t ph0 = 0, ph1 = kStages == 1 ? 1 : 0;
+    // Steady state. Stage and phase of V of block n (s0, ph0) and of K of block n + 1 (s1, ph1)
+    // advance by increments, not by n % kStages.
+    int s0 = 0, s1 = 1 % kStagesK;
+    uint32_t ph0 = 0, ph1 = kStagesK == 1 ? 1 : 0;
     phases.mark(7);
     for (int n = 0; n + 1 < nvalid; ++n) {
+      // Q's descriptors are rebuilt every step (a few integer ops) rather than kept: hoisted out
+      // of the loop they took 16 registers, which three consumers at 160 cannot spare (spills).
+      uint32_t q_step = q_addr;
+      asm volatile("" : "+r"(q_step));
       mbar_wait(ring.full_k(s1), ph1);
       mbar_wait(ring.full_v(s0), ph0);
       phases.mark(0);
       turn_begin();
-      issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_addr, k_addr0 + s1 * Tr::kTileBytes);
+      issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_step, k_addr0 + s1 * Tr::kTileBytes);
       issue_pv<kDType, kHeadDim, kCapK>(o, pf, v_addr0 + s0 * Tr::kTileBytes);
       turn_end();
       phases.mark(1);
@@ -450,9 +477,11 @@ __global__ void __launch_bounds__(384, 1)
       pack_p<kDType, kCapK>(pf, s_acc);
       phases.mark(5);
       phases.count();
-      s0 = s1;
-      ph0 = ph1;
-      if (++s1 == kStages) {
+      if (++s0 == kStagesV) {
+        s0 = 0;
+        ph0 ^= 1;
+      }
+      if (++s1 == kStagesK) {
         s1 = 0;
         ph1 ^= 1;
       }
