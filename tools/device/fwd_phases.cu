@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -61,10 +62,14 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
 
   // `keep` distinct key blocks per query block, ascending, as selection writes them.
   std::vector<int32_t> idx(static_cast<size_t>(H) * nq * keep), cnt(static_cast<size_t>(H) * nq, keep);
-  std::vector<int32_t> all(nk);
+  // BSA_KEY_POOL=n draws every list from the first n key blocks of its head (n >= keep): a
+  // working set that stays in L2, to tell L2-miss latency from load-issue limits.
+  const char* pool_env = std::getenv("BSA_KEY_POOL");
+  const int pool = pool_env ? std::max(keep, std::min(nk, std::atoi(pool_env))) : nk;
+  std::vector<int32_t> all(pool);
   for (size_t row = 0; row < cnt.size(); ++row) {
     std::iota(all.begin(), all.end(), 0);
-    for (int i = 0; i < keep; ++i) std::swap(all[i], all[i + rng() % (nk - i)]);
+    for (int i = 0; i < keep; ++i) std::swap(all[i], all[i + rng() % (pool - i)]);
     std::sort(all.begin(), all.begin() + keep);
     std::copy(all.begin(), all.begin() + keep, idx.begin() + row * keep);
   }
