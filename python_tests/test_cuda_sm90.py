@@ -96,10 +96,22 @@ def test_sm90_single_head_and_batch():
     _check(q, k, v, indices, counts, gq, gk, 128**-0.5)
 
 
+@pytest.mark.parametrize("latent_q", [(4, 4, 4), (4, 4, 8), (4, 8, 8), (4, 4, 20), (4, 4, 28)])
+def test_sm90_query_block_counts_not_a_multiple_of_the_consumers(latent_q):
+    # 64-row query and key blocks at head dim 128 run three query blocks per CTA (one per
+    # consumer warpgroup): 1, 2, 4, 5 and 7 query blocks leave the last CTA of each head with
+    # one or two, and the others idle. Some rows have no key block at all.
+    gq, gk = geom(latent_q, (4, 4, 4)), geom((6, 7, 13), (4, 4, 4))
+    indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 6, "cuda")
+    counts[0, 1, 0] = 0
+    q, k, v = make_qkv(2, 3, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0)
+    _check(q, k, v, indices, counts, gq, gk, 128**-0.5)
+
+
 @pytest.mark.parametrize("cap_q,cap_k", [(64, 64), (64, 128)])
 def test_sm90_shared_key_blocks_of_neighbouring_queries(cap_q, cap_k):
-    # A CTA merges the lists of query blocks 2i and 2i+1 and loads a shared key block once:
-    # sorted lists (as selection writes them) with identical, overlapping and disjoint rows.
+    # Neighbouring query blocks (often in one CTA) with sorted lists, as selection writes them:
+    # identical, overlapping and disjoint rows.
     gq, gk = odd_geoms(cap_q, cap_k)
     nq, nk = gq.num_blocks, gk.num_blocks
     indices, counts = random_blocks(1, 2, nq, nk, min(8, nk), "cuda", min_count=1)
