@@ -40,9 +40,9 @@ uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-template <int kCapQ, int kCapK>
+template <int kCapQ, int kCapK, int kD = 128>
 void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
-  const int H = 32, D = 128, S = gq.T * gq.H * gq.W, nq = gq.num_blocks(), nk = gk.num_blocks();
+  const int H = 32, D = kD, S = gq.T * gq.H * gq.W, nq = gq.num_blocks(), nk = gk.num_blocks();
   const size_t elems = static_cast<size_t>(H) * S * D;
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> uni(-1.f, 1.f);
@@ -91,7 +91,7 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
 
   bool launched = false;
   auto launch = [&] {
-    CHECK((bsa::run_forward_sm90<bsa::DType::kBFloat16, 128, kCapQ, kCapK>(p, nullptr, &launched)));
+    CHECK((bsa::run_forward_sm90<bsa::DType::kBFloat16, kD, kCapQ, kCapK>(p, nullptr, &launched)));
     if (!launched) {
       std::fprintf(stderr, "the sm_90a kernel did not launch on this device\n");
       std::exit(1);
@@ -145,7 +145,7 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
     std::printf("  %-18s %8.0f cycles/step  %5.1f%%\n", names[i], static_cast<double>(c[i]) / c[6],
                 100.0 * c[i] / loop);
   }
-  using Tr = bsa::sm90::ForwardTraits<bsa::DType::kBFloat16, 128, kCapQ, kCapK>;
+  using Tr = bsa::sm90::ForwardTraits<bsa::DType::kBFloat16, kD, kCapQ, kCapK>;
   const double warpgroups = double(Tr::kConsumers) * H * ((nq + Tr::kRings - 1) / Tr::kRings);
   std::printf("  %-18s %8.0f cycles per warpgroup (prologue, first block, last P V, epilogue)\n", names[7],
               static_cast<double>(c[7]) / warpgroups);
@@ -161,6 +161,8 @@ void run(const char* name, bsa::Geometry gq, bsa::Geometry gk, int keep) {
 int main() {
   // W720s: latent (24, 44, 80); 4x4x4 chunks keep 82 of 1320 key blocks; 4x4x8 chunks 82 of 660.
   run<64, 64>("W720s (4x4x4, 82 of 1320)", {24, 44, 80, 4, 4, 4, 6, 11, 20}, {24, 44, 80, 4, 4, 4, 6, 11, 20}, 82);
+  if (std::getenv("BSA_HDIM64"))  // the same lists at head dim 64
+    run<64, 64, 64>("W720s, head dim 64", {24, 44, 80, 4, 4, 4, 6, 11, 20}, {24, 44, 80, 4, 4, 4, 6, 11, 20}, 82);
   run<128, 128>("W720s-c128 (4x4x8, 82 of 660)", {24, 44, 80, 4, 4, 8, 6, 11, 10}, {24, 44, 80, 4, 4, 8, 6, 11, 10},
                 82);
   return 0;

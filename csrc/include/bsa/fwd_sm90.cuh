@@ -8,8 +8,8 @@
 // query rows each:
 //  * capacity-64 query blocks: each consumer owns a different query block with its own key
 //    list and its own K/V ring (independent streams: while one warpgroup runs softmax the
-//    others' wgmmas keep the tensor cores busy). With 64-key blocks at head dim 128 there are
-//    three consumers at 160 registers; their rings then hold one K stage and two V stages;
+//    others' wgmmas keep the tensor cores busy). With 64-key blocks there are three consumers
+//    at 160 registers; at head dim 128 their rings then hold one K stage and two V stages;
 //  * capacity-128 query blocks: two consumers share one ring (one K/V copy feeds 128 rows)
 //    and take turns issuing their wgmmas (FlashAttention-3-style ping-pong on named barriers).
 // Inside a consumer the loop is software-pipelined: S_{n+1} = Q K_{n+1}^T and O += P_n V_n are
@@ -50,9 +50,10 @@ struct ForwardTraits {
   static constexpr int kQBytes = kCapQ * kHeadDim * 2;   // one ring's query tile
   static constexpr int kTileBytes = kCapK * kHeadDim * 2;  // one K or one V tile
   // Capacity-64 query blocks: one ring (query block, K and V stages) per consumer. Three
-  // consumers for 64-key blocks at head dim 128 (the measured case, docs/PERF.md; their 160
-  // registers hold O, S and P there); two elsewhere. Capacity 128: two consumers, one ring.
-  static constexpr int kConsumers = kCapQ == 64 && kCapK == 64 && kHeadDim == 128 ? BSA_FWD_MAX_CONSUMERS : 2;
+  // consumers for 64-key blocks (measured at head dims 128 and 64, docs/PERF.md; their 160
+  // registers hold O, S and P there, not the S and P of 128-key blocks); two for 128-key
+  // blocks. Capacity 128: two consumers, one ring.
+  static constexpr int kConsumers = kCapQ == 64 && kCapK == 64 ? BSA_FWD_MAX_CONSUMERS : 2;
   static constexpr int kRings = kCapQ == 64 ? kConsumers : 1;
   static constexpr int kConsumersPerRing = kConsumers / kRings;
   static constexpr int kThreads = 128 * (kConsumers + 1);
