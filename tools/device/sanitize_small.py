@@ -1,8 +1,8 @@
 """Runs every CUDA kernel once on tiny shapes, for compute-sanitizer (memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python tools/device/sanitize_small.py
-Covers partial edge chunks, Sq != Sk, q/k capacities 64/128, zero counts, garbage ids and
-the cdf path, forward and backward; exits non-zero if a result is not finite.
+Covers partial edge chunks, Sq != Sk, q/k capacities 64/128 (every forward variant of the
+Hopper kernel), zero counts, garbage ids and the cdf path, forward and backward; exits non-zero if a result is not finite.
 """
 
 import torch
@@ -21,8 +21,15 @@ def _backward(q, k, v, out, lse, idx, cnt, gq, gk, D):
 
 def main():
     torch.manual_seed(0)
-    for dtype, D, cq, ck in [(torch.bfloat16, 128, (4, 4, 4), (4, 4, 8)), (torch.float16, 64, (4, 4, 8), (4, 4, 4))]:
-        gq, gk = ChunkGeometry((5, 6, 9), cq), ChunkGeometry((6, 7, 5), ck)
+    # The 64/64 cases run the three-consumer Hopper forward with 8 query blocks (a CTA of two).
+    cases = [
+        (torch.bfloat16, 128, (4, 4, 4), (4, 4, 8), (5, 6, 9)),
+        (torch.float16, 64, (4, 4, 8), (4, 4, 4), (5, 6, 9)),
+        (torch.bfloat16, 128, (4, 4, 4), (4, 4, 4), (5, 6, 5)),
+        (torch.float16, 64, (4, 4, 4), (4, 4, 4), (5, 6, 5)),
+    ]
+    for dtype, D, cq, ck, latent_q in cases:
+        gq, gk = ChunkGeometry(latent_q, cq), ChunkGeometry((6, 7, 5), ck)
         q = torch.randn(1, 2, gq.seq_len, D).to(dtype).cuda()
         k = torch.randn(1, 2, gk.seq_len, D).to(dtype).cuda()
         v = torch.randn(1, 2, gk.seq_len, D).to(dtype).cuda()
