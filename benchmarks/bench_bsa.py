@@ -77,7 +77,9 @@ def bench_workload(w, impls, rows, meta):
                     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
                     def fb():
-                        F.scaled_dot_product_attention(qg, kg, vg).backward(dout)
+                        # Gradients returned, not accumulated into .grad: in a model q, k and v
+                        # are activations, and an accumulation would add a pass over each.
+                        torch.autograd.grad(F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), dout)
 
                     record("fwd_bwd", impl, _bench(fb), 3.5 * dense_flops, _peak_extra_mib(fb))
         except RuntimeError as exc:
@@ -110,7 +112,7 @@ def bench_workload(w, impls, rows, meta):
 
             def fb():
                 o = bsa_ext.flash_attn_bsa_3d(qg, kg, vg, *args[:2], w.sparsity, w.cdf_threshold, *args[2:], backend=impl)
-                o.backward(dout)
+                torch.autograd.grad(o, (qg, kg, vg), dout)  # returned, not accumulated (as for dense)
 
             record("fwd_bwd", impl, _bench(fb), 3.5 * flops, _peak_extra_mib(fb))
     return counts.double().mean().item() / gk.num_blocks
