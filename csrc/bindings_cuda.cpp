@@ -273,6 +273,13 @@ void check_select_sizes(int64_t B, int64_t H, int64_t nk, int64_t topk, int64_t 
   STD_TORCH_CHECK(nk < 65536 && nk * 4 <= 200 * 1024, "Nk = ", nk, " key blocks exceed the selection kernel's shared memory");
 }
 
+// The outcome of a launch through the selection family's dispatch tables (select, rank, pool):
+// no instantiation for this head dim, or a launch error, is reported under the op's name.
+void check_select_launch(const char* op, bool found, cudaError_t err, int64_t D) {
+  STD_TORCH_CHECK(found, "bsa ", op, ": no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
+  STD_TORCH_CHECK(err == cudaSuccess, "bsa ", op, ": launch failed: ", cudaGetErrorString(err));
+}
+
 std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<int64_t> geom_q,
                                               std::vector<int64_t> geom_k, int64_t topk, double cdf_threshold,
                                               int64_t width) {
@@ -309,8 +316,7 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
 
   cudaError_t err = cudaSuccess;
   const bool found = bsa::dispatch_select(dt, int(D), p, current_stream(device), &err);
-  STD_TORCH_CHECK(found, "bsa cuda_select_blocks: no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
-  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_select_blocks: launch failed: ", cudaGetErrorString(err));
+  check_select_launch("cuda_select_blocks", found, err, D);
   return {indices, counts};
 }
 
@@ -350,8 +356,7 @@ std::tuple<Tensor, Tensor> cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, 
 
   cudaError_t err = cudaSuccess;
   const bool found = bsa::dispatch_rank(int(D), p, current_stream(device), &err);
-  STD_TORCH_CHECK(found, "bsa cuda_select_pooled: no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
-  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_select_pooled: launch failed: ", cudaGetErrorString(err));
+  check_select_launch("cuda_select_pooled", found, err, D);
   return {indices, counts};
 }
 
@@ -373,8 +378,7 @@ Tensor cuda_pool_blocks(Tensor x, std::vector<int64_t> geom) {
   p.geom_q = g, p.geom_k = g;
   cudaError_t err = cudaSuccess;
   const bool found = bsa::dispatch_pool(dt, int(D), p, current_stream(device), &err);
-  STD_TORCH_CHECK(found, "bsa cuda_pool_blocks: no kernel for head_dim=", D, "; compiled: ", bsa::kCompiledSelect);
-  STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_pool_blocks: launch failed: ", cudaGetErrorString(err));
+  check_select_launch("cuda_pool_blocks", found, err, D);
   return pooled;
 }
 
