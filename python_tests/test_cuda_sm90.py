@@ -162,3 +162,38 @@ def test_sm90_cuda_graph_capture_matches_eager():
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_neighbours_with_lists_in_any_order(D):
+    # The three query blocks of a 64/64 CTA with lists that are disjoint, in opposite orders,
+    # interleaved, with out-of-range ids, short or empty: each must still get exactly its own
+    # attention (a kernel that shares loads between neighbours must not mix their lists).
+    gq, gk = geom((4, 8, 12), (4, 4, 4)), geom((6, 20, 24), (4, 4, 4))  # 6 query, 60 key blocks
+    nq, nk, kmax = gq.num_blocks, gk.num_blocks, 24
+    assert nq == 6 and nk == 60
+    up = torch.arange(kmax, dtype=torch.int32)
+    rows = [
+        up,                        # 0 .. 23
+        up + 36,                   # 36 .. 59: disjoint from row 0, after it
+        (up + 36).flip(0),         # 59 .. 36: the same set as row 1, opposite order
+        up * 2 + 1,                # odd ids 1 .. 47, interleaved with rows 0 and 1
+        torch.where(up % 5 == 2, torch.tensor(-3, dtype=torch.int32), up + 10),  # out-of-range ids among 10 .. 33
+        torch.where(up % 7 == 3, torch.tensor(nk + 4, dtype=torch.int32), up + 20),
+    ]
+    indices = torch.stack(rows).view(1, 1, nq, kmax).repeat(1, 2, 1, 1)
+    counts = torch.full((1, 2, nq), kmax, dtype=torch.int32)
+    counts[0, 1, 1] = 0
+    counts[0, 1, 3] = 5
+    indices[0, 1] = indices[0, 1].roll(1, dims=0)  # other neighbours share a CTA in head 1
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, D, torch.bfloat16, "cuda", scale=4.0)
+    _check(q, k, v, indices.cuda().contiguous(), counts.cuda(), gq, gk, D**-0.5)
+
+
+def test_sm90_long_lists_of_64_key_blocks():
+    # 300 to 360 key blocks per query block (cdf-mode lengths): every ring wraps many times.
+    gq, gk = geom((4, 8, 12), (4, 4, 4)), geom((12, 40, 48), (4, 4, 4))
+    assert gk.num_blocks == 360
+    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, gk.num_blocks, "cuda", min_count=300)
+    q, k, v = make_qkv(1, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0)
+    _check(q, k, v, indices, counts, gq, gk, 128**-0.5)
