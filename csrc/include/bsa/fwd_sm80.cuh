@@ -277,6 +277,8 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   Element* sV = sK + kCapK * kHeadDim;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
+  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements
+  int64_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qb = blockIdx.x, bh = blockIdx.y;
@@ -288,6 +290,11 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
+  for (int r = tid; r < kCapK; r += kThreads) {
+    const int64_t offset = row_coord(p.geom_k, r).offset;
+    k_off[r] = offset * p.k_row_stride;
+    v_off[r] = offset * p.v_row_stride;
+  }
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -300,7 +307,15 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int first = count > 0 ? ids[0] : 0;
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
-  if (count > 0) load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
+  // K and V tiles: interior blocks through the row-offset tables, edge blocks row by row.
+  auto load_kv = [&](Element* dst, const Element* base, int64_t stride, const int64_t* off, const BlockOrigin& o,
+                     bool ok) {
+    if (ok && o.full)
+      load_full_tile<Element, kHeadDim, kCapK, kThreads>(dst, base + static_cast<int64_t>(o.token) * stride, off, tid);
+    else
+      load_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, k_rows, o, ok, tid);
+  };
+  if (count > 0) load_kv(sK, k_base, p.k_row_stride, k_off, origin, live);
   cp_async_commit();
   int next_id = count > 1 ? ids[1] : 0;
 
@@ -318,7 +333,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   for (int n = 0; n < count; ++n) {
     cp_async_wait<0>();  // K_n (and Q) landed
     __syncthreads();     // ... for every thread; every warp is also done with V_{n-1}
-    load_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, k_rows, origin, live, tid);
+    load_kv(sV, v_base, p.v_row_stride, v_off, origin, live);
     cp_async_commit();
 
     float acc_s[2][kNT][4];
@@ -412,7 +427,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
     const bool nlive = in_range(nid, nk);
     const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
     if (n + 1 < count) {
-      load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, norigin, nlive, tid);
+      load_kv(sK, k_base, p.k_row_stride, k_off, norigin, nlive);
       next_id = n + 2 < count ? ids[n + 2] : 0;
     }
     cp_async_commit();

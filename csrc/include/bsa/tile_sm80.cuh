@@ -51,6 +51,24 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* base, in
   }
 }
 
+// Copies an interior block (every row valid) whose first token is at `block_base`, with the
+// rows' element offsets from it precomputed (`row_off`, one per row): per 16-byte copy one
+// shared load and an add instead of the offset multiply and its 64-bit sign extension, which
+// ncu found among the sm80 forward's most-stalled instructions.
+template <typename Element, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_full_tile(Element* smem, const Element* block_base, const int64_t* row_off,
+                                               int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kIters = kRows * kChunks / kThreads;
+  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
+#pragma unroll 4
+  for (int it = 0; it < kIters; ++it) {
+    const int i = tid + it * kThreads;
+    const int r = i / kChunks, c = i % kChunks;
+    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), block_base + row_off[r] + c * 8, 16);
+  }
+}
+
 // acc[j] (16 x 8kN) += A[a_row0 .. +16, 0 .. kHeadDim) * B[b_row0 .. +8kN, 0 .. kHeadDim)^T for one
 // warp: both operands are tiles whose rows run along the reduction (Q K^T, dO V^T, K Q^T, V dO^T).
 template <DType kDType, int kHeadDim, int kN>
