@@ -59,13 +59,16 @@ template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_full_tile(Element* smem, const Element* block_base, const int64_t* row_off,
                                                int tid) {
   constexpr int kChunks = kHeadDim / 8;
-  constexpr int kIters = kRows * kChunks / kThreads;
-  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
-#pragma unroll 4
-  for (int it = 0; it < kIters; ++it) {
-    const int i = tid + it * kThreads;
-    const int r = i / kChunks, c = i % kChunks;
-    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), block_base + row_off[r] + c * 8, 16);
+  constexpr int kRowStep = kThreads / kChunks;  // rows a pass of the CTA covers
+  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "tile must split evenly over the threads");
+  // A thread copies one 16-byte column of rows r0, r0 + kRowStep, ...: its source column and
+  // its two swizzled destination columns (rows r and r + 8 swizzle alike) are fixed.
+  const int c = tid % kChunks, r0 = tid / kChunks;
+  const Element* src = block_base + c * 8;
+#pragma unroll 8  // whole: spills at 255 registers
+  for (int it = 0; it < kRows / kRowStep; ++it) {
+    const int r = r0 + it * kRowStep;
+    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src + row_off[r], 16);
   }
 }
 
