@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   Element* sV = sK + kCapK * kHeadDim;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements
+  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements (row_table_slot)
   int64_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -292,8 +292,9 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
   for (int r = tid; r < kCapK; r += kThreads) {
     const int64_t offset = row_coord(p.geom_k, r).offset;
-    k_off[r] = offset * p.k_row_stride;
-    v_off[r] = offset * p.v_row_stride;
+    const int slot = row_table_slot<kHeadDim, kCapK, kThreads>(r);
+    k_off[slot] = offset * p.k_row_stride;
+    v_off[slot] = offset * p.v_row_stride;
   }
   __syncthreads();
 

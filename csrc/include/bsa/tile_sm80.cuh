@@ -52,23 +52,37 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* base, in
 }
 
 // Copies an interior block (every row valid) whose first token is at `block_base`, with the
-// rows' element offsets from it precomputed (`row_off`, one per row): per 16-byte copy one
-// shared load and an add instead of the offset multiply and its 64-bit sign extension, which
-// ncu found among the sm80 forward's most-stalled instructions.
+// rows' element offsets from it precomputed (`row_off`, laid out by row_table_slot): per
+// 16-byte copy a quarter of a 16-byte shared load and one add, instead of the offset multiply
+// and its 64-bit sign extension, which ncu found among the sm80 forward's most-stalled
+// instructions. A thread copies one 16-byte column (c = tid % chunks) of rows r0, r0 + step,
+// ...: its source column is added once, and its row offsets sit side by side in the table,
+// so that they arrive four at a time rather than each after its own shared-load latency.
+template <int kHeadDim, int kRows, int kThreads>
+__host__ __device__ constexpr int row_table_slot(int r) {
+  constexpr int kRowStep = kThreads / (kHeadDim / 8);
+  return (r % kRowStep) * (kRows / kRowStep) + r / kRowStep;
+}
+
 template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_full_tile(Element* smem, const Element* block_base, const int64_t* row_off,
                                                int tid) {
   constexpr int kChunks = kHeadDim / 8;
-  constexpr int kRowStep = kThreads / kChunks;  // rows a pass of the CTA covers
-  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "tile must split evenly over the threads");
-  // A thread copies one 16-byte column of rows r0, r0 + kRowStep, ...: its source column and
-  // its two swizzled destination columns (rows r and r + 8 swizzle alike) are fixed.
+  constexpr int kRowStep = kThreads / kChunks;
+  constexpr int kPerThread = kRows / kRowStep;
+  static_assert(kThreads % kChunks == 0 && kPerThread % 4 == 0, "tile must split evenly over the threads");
   const int c = tid % kChunks, r0 = tid / kChunks;
   const Element* src = block_base + c * 8;
-#pragma unroll 8  // whole: spills at 255 registers
-  for (int it = 0; it < kRows / kRowStep; ++it) {
-    const int r = r0 + it * kRowStep;
-    cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src + row_off[r], 16);
+  const longlong2* offs = reinterpret_cast<const longlong2*>(row_off + r0 * kPerThread);  // 16-byte aligned
+#pragma unroll 2  // whole: spills at 255 registers
+  for (int it = 0; it < kPerThread; it += 4) {
+    const longlong2 a = offs[it / 2], b = offs[it / 2 + 1];
+    const int64_t off[4] = {a.x, a.y, b.x, b.y};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = r0 + (it + j) * kRowStep;
+      cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src + off[j], 16);
+    }
   }
 }
 
