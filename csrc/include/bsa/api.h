@@ -51,10 +51,10 @@ constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
 }
 
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
-// K/V (128-key chunks), or 32 rows per warp with single K and V buffers and tables of
-// the K and V rows' element offsets (64-key chunks).
+// K/V (128-key chunks), or 32 rows per warp with single K and V buffers (64-key chunks); both
+// with tables of the K and V rows' element offsets.
 constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
-  return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k);
+  return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
 }
 constexpr int forward_smem_bytes_wide(int head_dim, int cap_q, int cap_k) {
   return 2 * (cap_q * head_dim + 2 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;

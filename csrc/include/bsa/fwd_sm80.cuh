@@ -53,6 +53,8 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   Element* sV = sK + 2 * kCapK * kHeadDim;     // [2][kCapK][kHeadDim]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
+  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements (row_table_slot)
+  int64_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qb = blockIdx.x, bh = blockIdx.y;
@@ -64,6 +66,7 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
+  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, p.geom_k, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -78,8 +81,8 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   if (count > 0) {
-    load_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_rows, origin, live, tid);
-    load_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, k_rows, origin, live, tid);
+    load_kv_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_off, k_rows, origin, live, tid);
+    load_kv_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, v_off, k_rows, origin, live, tid);
   }
   cp_async_commit();
   int next_id = count > 1 ? ids[1] : 0;
@@ -106,8 +109,8 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
     if (n + 1 < count) {
       Element* dk = sK + (stage ^ 1) * kCapK * kHeadDim;
       Element* dv = sV + (stage ^ 1) * kCapK * kHeadDim;
-      load_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_rows, norigin, nlive, tid);
-      load_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, k_rows, norigin, nlive, tid);
+      load_kv_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_off, k_rows, norigin, nlive, tid);
+      load_kv_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, v_off, k_rows, norigin, nlive, tid);
       // The id after next is fetched now so its latency hides behind this block's math.
       next_id = n + 2 < count ? ids[n + 2] : 0;
     }
@@ -290,12 +293,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  for (int r = tid; r < kCapK; r += kThreads) {
-    const int64_t offset = row_coord(p.geom_k, r).offset;
-    const int slot = row_table_slot<kHeadDim, kCapK, kThreads>(r);
-    k_off[slot] = offset * p.k_row_stride;
-    v_off[slot] = offset * p.v_row_stride;
-  }
+  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, p.geom_k, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -308,14 +306,8 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int first = count > 0 ? ids[0] : 0;
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
-  // K and V tiles: interior blocks through the row-offset tables, edge blocks row by row.
   auto load_kv = [&](Element* dst, const Element* base, int64_t stride, const int64_t* off, const BlockOrigin& o,
-                     bool ok) {
-    if (ok && o.full)
-      load_full_tile<Element, kHeadDim, kCapK, kThreads>(dst, base + static_cast<int64_t>(o.token) * stride, off, tid);
-    else
-      load_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, k_rows, o, ok, tid);
-  };
+                     bool ok) { load_kv_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, off, k_rows, o, ok, tid); };
   if (count > 0) load_kv(sK, k_base, p.k_row_stride, k_off, origin, live);
   cp_async_commit();
   int next_id = count > 1 ? ids[1] : 0;

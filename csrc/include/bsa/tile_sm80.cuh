@@ -71,7 +71,11 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
   constexpr int kRowStep = kThreads / kChunks;
   constexpr int kPerThread = kRows / kRowStep;
   static_assert(kThreads % kChunks == 0 && kPerThread % 4 == 0, "tile must split evenly over the threads");
-  const int c = tid % kChunks, r0 = tid / kChunks;
+  // Derived afresh at every call: hoisted out of the caller's loop, the column's addresses
+  // would stay live across it (the sm_80 build of the 64-key forward then spilled).
+  int t = tid;
+  asm volatile("" : "+r"(t));
+  const int c = t % kChunks, r0 = t / kChunks;
   const Element* src = block_base + c * 8;
   const longlong2* offs = reinterpret_cast<const longlong2*>(row_off + r0 * kPerThread);  // 16-byte aligned
 #pragma unroll 2  // whole: spills at 255 registers
@@ -84,6 +88,31 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
       cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src + off[j], 16);
     }
   }
+}
+
+// Fills the K and V row-offset tables (elements, by row_table_slot) of a block geometry.
+template <int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void init_row_offsets(int64_t* k_off, int64_t* v_off, const Geometry& g, int64_t k_stride,
+                                                 int64_t v_stride, int tid) {
+  for (int r = tid; r < kRows; r += kThreads) {
+    const int64_t offset = row_coord(g, r).offset;
+    const int slot = row_table_slot<kHeadDim, kRows, kThreads>(r);
+    k_off[slot] = offset * k_stride;
+    v_off[slot] = offset * v_stride;
+  }
+}
+
+// A K or V tile of block `o`: interior blocks through the offset table, edge blocks (and
+// skipped ids) row by row with zero fill.
+template <typename Element, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_kv_tile(Element* smem, const Element* base, int64_t row_stride,
+                                             const int64_t* row_off, const RowCoord* rows, const BlockOrigin& o,
+                                             bool live, int tid) {
+  if (live && o.full)
+    load_full_tile<Element, kHeadDim, kRows, kThreads>(smem, base + static_cast<int64_t>(o.token) * row_stride,
+                                                       row_off, tid);
+  else
+    load_tile<Element, kHeadDim, kRows, kThreads>(smem, base, row_stride, rows, o, live, tid);
 }
 
 // acc[j] (16 x 8kN) += A[a_row0 .. +16, 0 .. kHeadDim) * B[b_row0 .. +8kN, 0 .. kHeadDim)^T for one
