@@ -42,12 +42,13 @@ cudaError_t run_invert(const InvertParams& params, cudaStream_t stream);
 constexpr int kInvertMaxQueryBlocks = 48 * 1024;
 
 // Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V;
-// dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows.
+// dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows; each also tables the
+// element offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv).
 constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k) {
-  return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k);
+  return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
 }
 constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
-  return 2 * (2 * cap_k * head_dim + 4 * cap_q * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_q;
+  return 2 * (2 * cap_k * head_dim + 4 * cap_q * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_q + 16 * cap_q;
 }
 
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered

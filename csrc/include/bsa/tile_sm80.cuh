@@ -90,29 +90,37 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
   }
 }
 
-// Fills the K and V row-offset tables (elements, by row_table_slot) of a block geometry.
+// Fills the row-offset tables (elements, by row_table_slot) of two tensors gathered with one
+// block geometry (K and V, or Q and dO).
 template <int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void init_row_offsets(int64_t* k_off, int64_t* v_off, const Geometry& g, int64_t k_stride,
-                                                 int64_t v_stride, int tid) {
+__device__ __forceinline__ void init_row_offsets(int64_t* a_off, int64_t* b_off, const Geometry& g, int64_t a_stride,
+                                                 int64_t b_stride, int tid) {
   for (int r = tid; r < kRows; r += kThreads) {
     const int64_t offset = row_coord(g, r).offset;
     const int slot = row_table_slot<kHeadDim, kRows, kThreads>(r);
-    k_off[slot] = offset * k_stride;
-    v_off[slot] = offset * v_stride;
+    a_off[slot] = offset * a_stride;
+    b_off[slot] = offset * b_stride;
   }
 }
 
-// A K or V tile of block `o`: interior blocks through the offset table, edge blocks (and
-// skipped ids) row by row with zero fill.
+// A tile of block `o`: interior blocks through the offset table, edge blocks (and skipped ids)
+// row by row with zero fill.
 template <typename Element, int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void load_kv_tile(Element* smem, const Element* base, int64_t row_stride,
+__device__ __forceinline__ void load_block_tile(Element* smem, const Element* base, int64_t row_stride,
                                              const int64_t* row_off, const RowCoord* rows, const BlockOrigin& o,
                                              bool live, int tid) {
-  if (live && o.full)
-    load_full_tile<Element, kHeadDim, kRows, kThreads>(smem, base + static_cast<int64_t>(o.token) * row_stride,
-                                                       row_off, tid);
-  else
-    load_tile<Element, kHeadDim, kRows, kThreads>(smem, base, row_stride, rows, o, live, tid);
+  // The table path needs a whole number of four-row batches per thread (not so for 64-row
+  // tiles at head dim 64 over 256 threads: two rows each).
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr bool kTable = kThreads % kChunks == 0 && (kRows / (kThreads / kChunks)) % 4 == 0;
+  if constexpr (kTable) {
+    if (live && o.full) {
+      load_full_tile<Element, kHeadDim, kRows, kThreads>(smem, base + static_cast<int64_t>(o.token) * row_stride,
+                                                         row_off, tid);
+      return;
+    }
+  }
+  load_tile<Element, kHeadDim, kRows, kThreads>(smem, base, row_stride, rows, o, live, tid);
 }
 
 // acc[j] (16 x 8kN) += A[a_row0 .. +16, 0 .. kHeadDim) * B[b_row0 .. +8kN, 0 .. kHeadDim)^T for one
