@@ -149,6 +149,8 @@ def main(argv=None) -> int:
         return 2
     gpu = torch.cuda.get_device_name()
     meta = dict(gpu=gpu, torch=torch.__version__, commit=measured_commit(), date=datetime.date.today().isoformat(), world_size=1)
+    if os.environ.get("BSA_DISABLE_SM90"):  # the cuda rows then come from the sm80 kernels, on any GPU
+        meta["cuda_kernels"] = "sm80 family (BSA_DISABLE_SM90=1)"
     impls = args.impls.split(",")
     rows, densities = [], {}
     for name in args.workloads.split(","):
