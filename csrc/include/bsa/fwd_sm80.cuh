@@ -109,8 +109,10 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
     if (n + 1 < count) {
       Element* dk = sK + (stage ^ 1) * kCapK * kHeadDim;
       Element* dv = sV + (stage ^ 1) * kCapK * kHeadDim;
-      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_off, k_rows, norigin, nlive, tid);
-      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, v_off, k_rows, norigin, nlive, tid);
+      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_off, k_rows, norigin, nlive,
+                                                          tid);
+      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, v_off, k_rows, norigin, nlive,
+                                                          tid);
       // The id after next is fetched now so its latency hides behind this block's math.
       next_id = n + 2 < count ? ids[n + 2] : 0;
     }
@@ -307,7 +309,9 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   auto load_kv = [&](Element* dst, const Element* base, int64_t stride, const int64_t* off, const BlockOrigin& o,
-                     bool ok) { load_block_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, off, k_rows, o, ok, tid); };
+                     bool ok) {
+    load_block_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, off, k_rows, o, ok, tid);
+  };
   if (count > 0) load_kv(sK, k_base, p.k_row_stride, k_off, origin, live);
   cp_async_commit();
   int next_id = count > 1 ? ids[1] : 0;
