@@ -13,14 +13,7 @@
 
 #include <cuda_runtime.h>
 
-#define CHECK(x)                                                                 \
-  do {                                                                           \
-    const cudaError_t e = (x);                                                   \
-    if (e != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
+#include "cuda_check.h"
 
 constexpr int kRows = 64, kDim = 128, kThreads = 256;
 

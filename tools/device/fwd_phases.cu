@@ -22,14 +22,7 @@
 #include <random>
 #include <vector>
 
-#define CHECK(x)                                                                \
-  do {                                                                          \
-    const cudaError_t e = (x);                                                  \
-    if (e != cudaSuccess) {                                                     \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                             \
-    }                                                                           \
-  } while (0)
+#include "cuda_check.h"
 
 namespace {
 
