@@ -265,6 +265,15 @@ void set_choice(bsa::SelectParams& p, const Tensor& q_pooled, const Tensor& k_po
   p.width = int(width);
 }
 
+// The [B, H, Nq, Nk] fp32 score matrix, or an empty tensor where the fused top-k path keeps
+// the scores in shared memory (run_rank makes the same choice on the same device).
+Tensor score_workspace(const Tensor& like, int64_t B, int64_t H, int64_t nq, int64_t nk, int64_t D,
+                       double cdf_threshold) {
+  const bool fused = bsa::select_fused_applies(int(D), int(nk), cdf_threshold > 0, bsa::current_device_smem_optin());
+  return torch::stable::new_empty(like, fused ? std::vector<int64_t>{0} : std::vector<int64_t>{B, H, nq, nk},
+                                  ScalarType::Float);
+}
+
 // The selection limits both entry points share (the choosers' shared memory and 16-bit counts).
 void check_select_sizes(int64_t B, int64_t H, int64_t nk, int64_t topk, int64_t width) {
   STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
@@ -303,7 +312,7 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   // Workspaces: pooled blocks and the score matrix (freed back to torch's caching allocator).
   Tensor q_pooled = torch::stable::new_empty(q, {B, H, nq, D}, ScalarType::Float);
   Tensor k_pooled = torch::stable::new_empty(q, {B, H, nk, D}, ScalarType::Float);
-  Tensor scores = torch::stable::new_empty(q, {B, H, nq, nk}, ScalarType::Float);
+  Tensor scores = score_workspace(q, B, H, nq, nk, D, cdf_threshold);
 
   bsa::SelectParams p{};
   p.q = q.data_ptr();
@@ -346,7 +355,7 @@ std::tuple<Tensor, Tensor> cuda_select_pooled(Tensor q_pooled, Tensor k_pooled, 
     torch::stable::fill_(indices, -1.0);
     return {indices, counts};
   }
-  Tensor scores = torch::stable::new_empty(q_pooled, {B, H, nq, nk}, ScalarType::Float);
+  Tensor scores = score_workspace(q_pooled, B, H, nq, nk, D, cdf_threshold);
   bsa::SelectParams p{};
   set_choice(p, q_pooled, k_pooled, scores, indices, counts, topk, cdf_threshold, width);
   p.batch = int(B), p.heads = int(H), p.head_dim = int(D);

@@ -322,6 +322,28 @@ def test_selection_key_block_counts_across_kernel_variants(nk, sparsity, cdf):
     _check_selection(q, k, gq, gk, sparsity, cdf, None)
 
 
+def test_topk_selection_allocates_no_score_matrix():
+    # Top-k rows of up to 1408 key blocks are scored and chosen on chip (topk_fused_kernel): the
+    # [B, H, Nq, Nk] fp32 score matrix, which the cdf choosers still read from global memory, is
+    # never allocated. The cdf call checks that the measurement would see it.
+    g = geom((16, 40, 40), (2, 4, 4))
+    B, H, n = 1, 8, g.num_blocks
+    q, k, _ = make_qkv(B, H, g.seq_len, g.seq_len, 64, torch.float16, "cuda")
+    score_bytes = B * H * n * n * 4
+
+    def peak_extra(topk, cdf, width):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.ops.bsa.cuda_select_blocks(q, k, g.as_ints(), g.as_ints(), topk, cdf, width)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    K = topk_count(n, 0.9)
+    assert peak_extra(K, -1.0, K) < score_bytes / 4
+    assert peak_extra(0, 0.9, n) >= score_bytes
+
+
 @pytest.mark.parametrize("nk", [200, 1300, 2700])
 @pytest.mark.parametrize("sparsity,cdf", [(0.75, None), (0.99, None), (None, 0.5), (0.5, 0.9)])
 @pytest.mark.parametrize("n_patterns", [3, 60])

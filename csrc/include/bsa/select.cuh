@@ -3,6 +3,8 @@
 //   1. pool_kernel: mean of the valid tokens of every q and k block, read in place from
 //      the THW tensors with 16-byte loads, fp32 sums, into [B, H, N, D] fp32 workspaces;
 //   2. score_kernel: s = q_pooled . k_pooled^T, fp32-accurate on tensor cores (3xTF32);
+//   2+3. top-k rows that fit in shared memory (nearly all; api.h select_fused_rows) take
+//      topk_fused_kernel instead: the same scores, kept on chip, and choose_row_topk per row;
 //   3. one chooser finds the cdf count and the exact top-k over order-preserving uint32 keys,
 //      ties to the smaller id: choose_warp_kernel (a warp per query block, keys in registers:
 //      short rows and cdf rows up to 4096), choose_row_kernel (a warp per query block, keys in
@@ -117,6 +119,15 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
   big = to_tf32(x);
   small = to_tf32(x - __uint_as_float(big));
+}
+
+// The same split in two instructions instead of seven (cvt.rna.tf32 is three on sm_80/sm_90):
+// big = x with its low 13 bits cleared (truncated, so exact), small = x - big (exact in fp32),
+// passed as is: the tensor cores read a TF32 operand's top 19 bits, truncating small's low
+// ones. Products keep ~21 bits instead of ~22; big*big + big*small + small*big as before.
+__device__ __forceinline__ void split_tf32_fast(float x, uint32_t& big, uint32_t& small) {
+  big = __float_as_uint(x) & 0xffffe000u;
+  small = __float_as_uint(x - __uint_as_float(big));
 }
 
 template <int kHeadDim>
@@ -440,6 +451,56 @@ __device__ __forceinline__ void write_step(bool sure, bool tie, int j, int need_
   written += __popc(taken);
 }
 
+// A row's keys held by one warp, lane l holding ids l, l + 32, ... (0 past Nk): the smallest and
+// largest key, and the bits above the highest one where they differ, which every key shares.
+struct KeyRange {
+  uint32_t kmin, kmax, prefix;
+  int top;  // highest differing bit; -1 when all keys are equal
+};
+template <int kPerLane>
+__device__ __forceinline__ KeyRange key_range(const uint32_t (&key)[kPerLane], int nk, int lane) {
+  uint32_t kmax = 0, kmin = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i)
+    if (i * 32 + lane < nk) kmax = max(kmax, key[i]), kmin = min(kmin, key[i]);
+  KeyRange r;
+  r.kmax = __reduce_max_sync(0xffffffff, kmax);
+  r.kmin = __reduce_min_sync(0xffffffff, kmin);
+  const uint32_t diff = r.kmax ^ r.kmin;
+  r.top = diff == 0 ? -1 : 31 - __clz(diff);
+  r.prefix = r.top < 0 ? r.kmin : r.top == 31 ? 0u : (r.kmin & ~((2u << r.top) - 1u));
+  return r;
+}
+
+// The top `count` (>= 1) of a warp's row of keys in registers, written to out[0, count) in
+// ascending id order. The count-th key by bisection from the range's first differing bit,
+// stopping as soon as exactly `count` keys are at or above the bound; else all bits are
+// resolved, the bound is the count-th key, and ties at it go to the smallest ids.
+template <int kPerLane>
+__device__ __forceinline__ void topk_from_registers(const uint32_t (&key)[kPerLane], int nk, int count,
+                                                    const KeyRange& range, int lane, int32_t* out) {
+  uint32_t lo = range.prefix;
+  int c_lo = nk;
+  for (int bit = range.top; bit >= 0 && c_lo != count; --bit) {
+    const uint32_t cand = lo | (1u << bit);
+    const int c = count_at_least(key, cand);
+    if (c >= count) lo = cand, c_lo = c;
+  }
+  const bool exact = c_lo == count;
+  const int n_gt = exact ? count : (lo == 0xffffffffu ? 0 : count_at_least(key, lo + 1));
+  const int need_eq = count - n_gt;
+  int written = 0, eq_seen = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    if (written == count) break;  // warp-uniform
+    const int j = i * 32 + lane;
+    const bool valid = j < nk;
+    const bool sure = valid && (exact ? key[i] >= lo : key[i] > lo);
+    const bool tie = valid && !exact && key[i] == lo;
+    write_step(sure, tie, j, need_eq, lane, out, written, eq_seen);
+  }
+}
+
 template <int kPerLane>
 __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const SelectParams p, float coef) {
   extern __shared__ float mass_rows[];  // cdf only: [warp][kPerLane * 32] unnormalised p_j
@@ -451,19 +512,14 @@ __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const S
 
   // Key 0 is below every real key (order_key maps -inf to 0x007fffff), so padding never counts.
   uint32_t key[kPerLane];
-  uint32_t kmax = 0, kmin = 0xffffffffu;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int j = i * 32 + lane;
     key[i] = j < nk ? order_key(__ldcs(s + j)) : 0u;
-    if (j < nk) kmax = max(kmax, key[i]), kmin = min(kmin, key[i]);
   }
-  kmax = __reduce_max_sync(0xffffffff, kmax);
-  kmin = __reduce_min_sync(0xffffffff, kmin);
-  // Bits above the highest one where max and min differ are shared by every key of the row.
-  const uint32_t diff = kmax ^ kmin;
-  const int top = diff == 0 ? -1 : 31 - __clz(diff);
-  const uint32_t prefix = top < 0 ? kmin : top == 31 ? 0u : (kmin & ~((2u << top) - 1u));
+  const KeyRange range = key_range(key, nk, lane);
+  const uint32_t kmax = range.kmax, prefix = range.prefix;
+  const int top = range.top;
 
   int count = p.topk;
   if (p.cdf_threshold > 0.f) {
@@ -520,30 +576,7 @@ __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const S
   count = max(min(min(count, p.width), nk), 0);
 
   int32_t* out = p.indices + row * p.width;
-  if (count > 0) {
-    // Largest x with count(key >= x) >= count. Stop once exactly `count` keys are >= lo; else
-    // all bits are resolved, lo is the count-th key and ties at it go to the smallest ids.
-    uint32_t lo = prefix;
-    int c_lo = nk;
-    for (int bit = top; bit >= 0 && c_lo != count; --bit) {
-      const uint32_t cand = lo | (1u << bit);
-      const int c = count_at_least(key, cand);
-      if (c >= count) lo = cand, c_lo = c;
-    }
-    const bool exact = c_lo == count;
-    const int n_gt = exact ? count : (lo == 0xffffffffu ? 0 : count_at_least(key, lo + 1));
-    const int need_eq = count - n_gt;
-    int written = 0, eq_seen = 0;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      if (written == count) break;  // warp-uniform
-      const int j = i * 32 + lane;
-      const bool valid = j < nk;
-      const bool sure = valid && (exact ? key[i] >= lo : key[i] > lo);
-      const bool tie = valid && !exact && key[i] == lo;
-      write_step(sure, tie, j, need_eq, lane, out, written, eq_seen);
-    }
-  }
+  if (count > 0) topk_from_registers(key, nk, count, range, lane, out);
   for (int j = count + lane; j < p.width; j += 32) out[j] = -1;
   if (lane == 0) p.counts[row] = count;
 }
@@ -677,6 +710,284 @@ __global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const Select
   if (lane == 0) p.counts[row] = count;
 }
 
+// The top `count` (>= 1) of a warp's row of keys held in contiguous runs: lane l holds ids
+// l * per + i for i < per. Real keys are >= 1 and every other register holds 0 (the padding of
+// the row, whose total is 32 * kPerLane - nk), so no pass needs to test which keys are real.
+// Written to out[0, count) in ascending id order: the runs are in id order, so each lane writes
+// its chosen ids after those of the lanes before it (an exclusive scan).
+// The count-th key x: a 256-bin histogram of the score values over [min, max] (bins above x's
+// hold only larger keys), then the keys of x's bin ranked exactly; where the range is not
+// finite or the bin holds more than kRowCandidates keys, bisection over the key bits.
+// Every pass is branch-free per key (selects, predicated stores, atomics whose result is
+// unused): per-key branches cost more than the keys' arithmetic. hist (256 ints) and cand
+// (kRowCandidates words) are the warp's scratch.
+template <int kPerLane>
+__device__ __forceinline__ void topk_in_runs(const uint32_t (&key)[kPerLane], int nk, int per, int count, int* hist,
+                                             uint32_t* cand, int32_t* out, int lane) {
+  const int j0 = lane * per;
+  uint32_t kmax = 0, kmin_less1 = 0xffffffffu;  // min(key - 1): the padding wraps to the top
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) kmax = max(kmax, key[i]), kmin_less1 = min(kmin_less1, key[i] - 1u);
+  kmax = __reduce_max_sync(0xffffffff, kmax);
+  const uint32_t kmin = __reduce_min_sync(0xffffffff, kmin_less1) + 1u;
+
+  uint32_t x = 0;  // the count-th largest key, or a bound with exactly `count` keys at or above it
+  bool found = false;
+  const float vlo = key_value(kmin), vhi = key_value(kmax);
+  const float bins_per_unit = 256.f / (vhi - vlo);
+  if (isfinite(vlo) && isfinite(vhi) && vhi > vlo && isfinite(bins_per_unit)) {
+    // The padding's value is NaN, which lands in bin 0; its count is taken off below.
+    auto bin_of = [&](uint32_t k) { return min(255, max(0, __float2int_rz((key_value(k) - vlo) * bins_per_unit))); };
+    __syncwarp();  // the scratch may still be read for the warp's previous row
+#pragma unroll
+    for (int b = 0; b < 8; ++b) hist[lane + 32 * b] = 0;
+    __syncwarp();
+    uint32_t bins[(kPerLane + 3) / 4] = {};  // each key's bin, four to a register
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int b = bin_of(key[i]);
+      bins[i / 4] |= static_cast<uint32_t>(b) << (8 * (i % 4));
+      atomicAdd(&hist[b], 1);
+    }
+    __syncwarp();
+    if (lane == 0) hist[0] -= 32 * kPerLane - nk;
+    __syncwarp();
+    int above;
+    const int bin = warp_pick_bin(hist, count, lane, above);
+    const int rank = count - above;
+    // The bin's keys: a bit per register, then each lane stores its own after the lanes before.
+    constexpr int kWords = (kPerLane + 31) / 32;
+    uint32_t in_bin[kWords] = {};
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const bool in = ((bins[i / 4] >> (8 * (i % 4))) & 255u) == static_cast<uint32_t>(bin) && key[i] != 0u;
+      in_bin[i / 32] |= static_cast<uint32_t>(in) << (i % 32);
+    }
+    int mine = 0;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) mine += __popc(in_bin[w]);
+    int incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int up = __shfl_up_sync(0xffffffff, incl, off);
+      if (lane >= off) incl += up;
+    }
+    const int n_cand = __shfl_sync(0xffffffff, incl, 31);
+    if (n_cand <= kRowCandidates) {
+      int pos = incl - mine;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const uint32_t bit = (in_bin[i / 32] >> (i % 32)) & 1u;
+        if (bit) cand[pos] = key[i];
+        pos += static_cast<int>(bit);
+      }
+      __syncwarp();
+      bool hit = false;
+      uint32_t value = 0;
+      for (int c = lane; c < n_cand; c += 32) {
+        const uint32_t v = cand[c];
+        int gt = 0, ge = 0;
+        for (int i = 0; i < n_cand; ++i) gt += cand[i] > v, ge += cand[i] >= v;
+        if (gt < rank && rank <= ge) hit = true, value = v;
+      }
+      const int owner = __ffs(__ballot_sync(0xffffffff, hit)) - 1;
+      x = __shfl_sync(0xffffffff, value, owner);
+      found = true;
+    }
+  }
+  if (!found) {
+    // Bisection from the first bit where min and max differ (bounds are >= 1: no padding counts).
+    const uint32_t diff = kmax ^ kmin;
+    const int top = diff == 0 ? -1 : 31 - __clz(diff);
+    uint32_t lo = top < 0 ? kmin : top == 31 ? 0u : (kmin & ~((2u << top) - 1u));
+    int c_lo = nk;
+    for (int bit = top; bit >= 0 && c_lo != count; --bit) {
+      const uint32_t c_bound = lo | (1u << bit);
+      const int c = count_at_least(key, c_bound);
+      if (c >= count) lo = c_bound, c_lo = c;
+    }
+    x = lo;
+  }
+
+  // Keys above x all go, ties at x while the count lasts (the smallest ids first). Where the
+  // bisection stopped at an exact bound, count - n_gt is every tie, so the same rule holds.
+  // x >= 1, so the padding is never above it nor tied with it.
+  int n_gt = 0, n_eq = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) n_gt += key[i] > x, n_eq += key[i] == x;
+  // Exclusive scan of both counts at once (16:16; counts are <= Nk < 2^16).
+  const uint32_t mine = static_cast<uint32_t>(n_gt) | (static_cast<uint32_t>(n_eq) << 16);
+  uint32_t incl = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t up = __shfl_up_sync(0xffffffff, incl, off);
+    if (lane >= off) incl += up;
+  }
+  const uint32_t before = incl - mine, total = __shfl_sync(0xffffffff, incl, 31);
+  const int need_eq = count - static_cast<int>(total & 0xffffu);  // ties at x: the smallest ids win
+  int eq_seen = static_cast<int>(before >> 16);
+  int pos = static_cast<int>(before & 0xffffu) + min(eq_seen, need_eq);
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    // Bitwise, not short-circuit: no branch per key.
+    const int tie = static_cast<int>(key[i] == x);
+    const int take = static_cast<int>(key[i] > x) | (tie & static_cast<int>(eq_seen < need_eq));
+    if (take) out[pos] = j0 + i;
+    pos += take;
+    eq_seen += tie;
+  }
+}
+
+// Top-k ranking with the scores kept on chip: a CTA scores 16 query blocks against all Nk
+// key blocks (3xTF32 products as in score_kernel), stores them as order keys in shared memory
+// and its warps then choose each row's top-k with the row's keys in registers
+// (topk_in_runs). The score matrix never reaches global memory (its write and read were
+// 0.45 GB at W720s).
+// Scoring: the q rows are split into TF32 (big, small) fragments once, in fragment order (one
+// 16-byte shared load per fragment). Each warp walks its own groups of 16 key blocks with no
+// barrier: it loads a group's B fragments straight from global memory (L2), 16 bytes per lane
+// and load, the next group's loads in flight while the current one is multiplied. For that the
+// products take the head dim in a permuted order (the same for q and k, so the dot products are
+// the same sums, associated differently): k-steps 2i and 2i+1 read dims 16i + 4t .. 16i + 4t + 3
+// of lane t's key, b0 and b1 of step 2i from the first two, of step 2i+1 from the last two.
+constexpr int kFusedThreads = 256;
+constexpr int kFusedWarps = kFusedThreads / 32;
+constexpr int kFusedKeys = 16;  // key blocks per warp step: two n8 tiles
+static_assert(kFusedWarps == 8 && kRowCandidates == 128, "api.h sizes the choosers' scratch for 8 warps");
+
+// Head dim read by lane t as b0 of k-step s (b1 is the next one); the A fragments use the same map.
+__device__ __forceinline__ int fused_dim(int s, int t) { return 16 * (s / 2) + 4 * t + 2 * (s % 2); }
+
+template <int kHeadDim, int kPerLane>
+__global__ void __launch_bounds__(kFusedThreads, 2) topk_fused_kernel(const SelectParams p) {
+  constexpr int kRows = kSelectFusedRows;
+  constexpr int kMt = kRows / 16;
+  constexpr int kSteps = kHeadDim / 8;  // k-steps of the m16n8k8 products
+  constexpr int kVec = kHeadDim / 16;   // 16-byte loads per key row and lane
+  extern __shared__ __align__(16) uint32_t fused_smem[];
+  uint4* a_frag = reinterpret_cast<uint4*>(fused_smem);  // [kSteps][kMt][big, small][lane]
+  uint32_t* keys = fused_smem + select_fused_scratch_bytes(kHeadDim) / 4;  // [kRows][pitch]
+
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+  const int pitch = (nk + 3) & ~3;
+  const int bh = blockIdx.y, q0 = blockIdx.x * kRows;
+  const float* qa = p.q_pooled + static_cast<int64_t>(bh) * nq * kHeadDim;
+  const float* kb = p.k_pooled + static_cast<int64_t>(bh) * nk * kHeadDim;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+
+  for (int i = tid; i < kSteps * kMt * 32; i += kFusedThreads) {
+    const int l = i % 32, mt = (i / 32) % kMt, ks = i / (32 * kMt);
+    const int r = q0 + mt * 16 + l / 4, c = fused_dim(ks, l % 4);
+    const float* row0 = qa + static_cast<int64_t>(r) * kHeadDim;
+    const float* row8 = row0 + 8 * kHeadDim;
+    const float x[4] = {r < nq ? row0[c] : 0.f, r + 8 < nq ? row8[c] : 0.f, r < nq ? row0[c + 1] : 0.f,
+                        r + 8 < nq ? row8[c + 1] : 0.f};
+    uint32_t big[4], small[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) split_tf32(x[e], big[e], small[e]);
+    a_frag[((ks * kMt + mt) * 2 + 0) * 32 + l] = make_uint4(big[0], big[1], big[2], big[3]);
+    a_frag[((ks * kMt + mt) * 2 + 1) * 32 + l] = make_uint4(small[0], small[1], small[2], small[3]);
+  }
+  __syncthreads();
+
+  // B of group u: lane (g, t) holds dims 16i + 4t .. +3 of key 16u + 8nt + g (clamped to the
+  // last key; columns past Nk are computed and never stored).
+  auto load_group = [&](float4 (&b)[2][kVec], int u) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int n = min(u * kFusedKeys + nt * 8 + g, nk - 1);
+      const float4* src = reinterpret_cast<const float4*>(kb + static_cast<int64_t>(n) * kHeadDim) + t;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) b[nt][i] = __ldg(src + 4 * i);
+    }
+  };
+
+  const int groups = (nk + kFusedKeys - 1) / kFusedKeys;
+#pragma unroll 1
+  for (int u = warp; u < groups; u += kFusedWarps) {
+    float4 bcur[2][kVec];
+    load_group(bcur, u);
+    float acc[kMt][2][4];
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      uint32_t b_big[2][2], b_small[2][2];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const float4 v = bcur[nt][ks / 2];
+        split_tf32_fast(ks % 2 ? v.z : v.x, b_big[nt][0], b_small[nt][0]);
+        split_tf32_fast(ks % 2 ? v.w : v.y, b_big[nt][1], b_small[nt][1]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+        const uint4 ab = a_frag[((ks * kMt + mt) * 2 + 0) * 32 + lane];
+        const uint4 as = a_frag[((ks * kMt + mt) * 2 + 1) * 32 + lane];
+        const uint32_t a_big[4] = {ab.x, ab.y, ab.z, ab.w}, a_small[4] = {as.x, as.y, as.z, as.w};
+        // The small cross terms first, then the big product (as in score_kernel).
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          mma_1688_tf32(acc[mt][nt], a_small, b_big[nt]);
+          mma_1688_tf32(acc[mt][nt], a_big, b_small[nt]);
+          mma_1688_tf32(acc[mt][nt], a_big, b_big[nt]);
+        }
+      }
+    }
+    // The group's scores, as order keys, into the rows (rows past Nq are computed and unused).
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        uint32_t* krow = keys + (mt * 16 + g + 8 * hr) * pitch;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int j = u * kFusedKeys + nt * 8 + 2 * t;
+          // Real keys are >= 1 (only a NaN's can be 0): the chooser reads 0 as padding.
+          const uint32_t kx = max(order_key(acc[mt][nt][2 * hr]), 1u), ky = max(order_key(acc[mt][nt][2 * hr + 1]), 1u);
+          if (j + 1 < nk) {
+            *reinterpret_cast<uint2*>(krow + j) = make_uint2(kx, ky);  // pitch and j even: 8-byte aligned
+          } else if (j < nk) {
+            krow[j] = kx;
+          }
+        }
+      }
+  }
+
+  __syncthreads();
+
+  // Choosing: each warp takes whole rows, a row's keys in registers in contiguous runs per lane.
+  int* hist = reinterpret_cast<int*>(fused_smem) + warp * (256 + kRowCandidates);
+  uint32_t* cand = reinterpret_cast<uint32_t*>(hist + 256);
+  const int count = max(min(min(p.topk, p.width), nk), 0);
+  const int per = (nk + 31) / 32, j0 = lane * per;
+  for (int r = warp; r < kRows && q0 + r < nq; r += kFusedWarps) {
+    const int64_t row = static_cast<int64_t>(bh) * nq + q0 + r;
+    uint32_t key[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) key[i] = i < per && j0 + i < nk ? keys[r * pitch + j0 + i] : 0u;
+    int32_t* out = p.indices + row * p.width;
+    if (count > 0) topk_in_runs(key, nk, per, count, hist, cand, out, lane);
+    for (int j = count + lane; j < p.width; j += 32) out[j] = -1;
+    if (lane == 0) p.counts[row] = count;
+  }
+}
+
+template <int kHeadDim, int kPerLane>
+cudaError_t launch_topk_fused(const SelectParams& p, cudaStream_t stream) {
+  constexpr int kRows = kSelectFusedRows;
+  const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
+  const int smem = select_fused_smem_bytes(kHeadDim, nk);
+  auto kernel = topk_fused_kernel<kHeadDim, kPerLane>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3((nq + kRows - 1) / kRows, p.batch * p.heads), kFusedThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace sel
 
 // Scores and choice from pooled workspaces that are already filled (run_select's last two
@@ -685,6 +996,14 @@ template <int kHeadDim>
 cudaError_t run_rank(const SelectParams& p, cudaStream_t stream) {
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks(), bh = p.batch * p.heads;
   if (nq == 0 || nk == 0 || bh == 0) return cudaSuccess;
+  const bool cdf = p.cdf_threshold > 0.f;
+  if (select_fused_applies(kHeadDim, nk, cdf, current_device_smem_optin())) {
+    // Registers per lane for a row's keys: the chooser's passes cost in proportion to them.
+    static_assert(kSelectFusedMaxKeys == 44 * 32, "the widest variant holds 44 keys a lane");
+    if (nk <= 256) return sel::launch_topk_fused<kHeadDim, 8>(p, stream);
+    if (nk <= 768) return sel::launch_topk_fused<kHeadDim, 24>(p, stream);
+    return sel::launch_topk_fused<kHeadDim, 44>(p, stream);
+  }
   const dim3 score_grid((nk + sel::kTile - 1) / sel::kTile, (nq + sel::kTile - 1) / sel::kTile, bh);
   sel::score_kernel<kHeadDim><<<score_grid, sel::kScoreThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
@@ -692,7 +1011,6 @@ cudaError_t run_rank(const SelectParams& p, cudaStream_t stream) {
   const int rows = bh * nq;
   // Measured on H100: the warp chooser wins for short rows and for cdf at any width (the CTA
   // chooser re-evaluates exp per bisection step), but loses on long top-k rows (low occupancy).
-  const bool cdf = p.cdf_threshold > 0.f;
   if (nk <= 256) return sel::launch_choose_warp<8>(p, rows, stream);
   if (nk <= 768) return sel::launch_choose_warp<24>(p, rows, stream);
   if (cdf && nk <= 1408) return sel::launch_choose_warp<44>(p, rows, stream);
