@@ -451,56 +451,6 @@ __device__ __forceinline__ void write_step(bool sure, bool tie, int j, int need_
   written += __popc(taken);
 }
 
-// A row's keys held by one warp, lane l holding ids l, l + 32, ... (0 past Nk): the smallest and
-// largest key, and the bits above the highest one where they differ, which every key shares.
-struct KeyRange {
-  uint32_t kmin, kmax, prefix;
-  int top;  // highest differing bit; -1 when all keys are equal
-};
-template <int kPerLane>
-__device__ __forceinline__ KeyRange key_range(const uint32_t (&key)[kPerLane], int nk, int lane) {
-  uint32_t kmax = 0, kmin = 0xffffffffu;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i)
-    if (i * 32 + lane < nk) kmax = max(kmax, key[i]), kmin = min(kmin, key[i]);
-  KeyRange r;
-  r.kmax = __reduce_max_sync(0xffffffff, kmax);
-  r.kmin = __reduce_min_sync(0xffffffff, kmin);
-  const uint32_t diff = r.kmax ^ r.kmin;
-  r.top = diff == 0 ? -1 : 31 - __clz(diff);
-  r.prefix = r.top < 0 ? r.kmin : r.top == 31 ? 0u : (r.kmin & ~((2u << r.top) - 1u));
-  return r;
-}
-
-// The top `count` (>= 1) of a warp's row of keys in registers, written to out[0, count) in
-// ascending id order. The count-th key by bisection from the range's first differing bit,
-// stopping as soon as exactly `count` keys are at or above the bound; else all bits are
-// resolved, the bound is the count-th key, and ties at it go to the smallest ids.
-template <int kPerLane>
-__device__ __forceinline__ void topk_from_registers(const uint32_t (&key)[kPerLane], int nk, int count,
-                                                    const KeyRange& range, int lane, int32_t* out) {
-  uint32_t lo = range.prefix;
-  int c_lo = nk;
-  for (int bit = range.top; bit >= 0 && c_lo != count; --bit) {
-    const uint32_t cand = lo | (1u << bit);
-    const int c = count_at_least(key, cand);
-    if (c >= count) lo = cand, c_lo = c;
-  }
-  const bool exact = c_lo == count;
-  const int n_gt = exact ? count : (lo == 0xffffffffu ? 0 : count_at_least(key, lo + 1));
-  const int need_eq = count - n_gt;
-  int written = 0, eq_seen = 0;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    if (written == count) break;  // warp-uniform
-    const int j = i * 32 + lane;
-    const bool valid = j < nk;
-    const bool sure = valid && (exact ? key[i] >= lo : key[i] > lo);
-    const bool tie = valid && !exact && key[i] == lo;
-    write_step(sure, tie, j, need_eq, lane, out, written, eq_seen);
-  }
-}
-
 template <int kPerLane>
 __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const SelectParams p, float coef) {
   extern __shared__ float mass_rows[];  // cdf only: [warp][kPerLane * 32] unnormalised p_j
@@ -512,14 +462,19 @@ __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const S
 
   // Key 0 is below every real key (order_key maps -inf to 0x007fffff), so padding never counts.
   uint32_t key[kPerLane];
+  uint32_t kmax = 0, kmin = 0xffffffffu;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int j = i * 32 + lane;
     key[i] = j < nk ? order_key(__ldcs(s + j)) : 0u;
+    if (j < nk) kmax = max(kmax, key[i]), kmin = min(kmin, key[i]);
   }
-  const KeyRange range = key_range(key, nk, lane);
-  const uint32_t kmax = range.kmax, prefix = range.prefix;
-  const int top = range.top;
+  kmax = __reduce_max_sync(0xffffffff, kmax);
+  kmin = __reduce_min_sync(0xffffffff, kmin);
+  // Bits above the highest one where max and min differ are shared by every key of the row.
+  const uint32_t diff = kmax ^ kmin;
+  const int top = diff == 0 ? -1 : 31 - __clz(diff);
+  const uint32_t prefix = top < 0 ? kmin : top == 31 ? 0u : (kmin & ~((2u << top) - 1u));
 
   int count = p.topk;
   if (p.cdf_threshold > 0.f) {
@@ -576,7 +531,30 @@ __global__ void __launch_bounds__(kWarpChooseThreads) choose_warp_kernel(const S
   count = max(min(min(count, p.width), nk), 0);
 
   int32_t* out = p.indices + row * p.width;
-  if (count > 0) topk_from_registers(key, nk, count, range, lane, out);
+  if (count > 0) {
+    // Largest x with count(key >= x) >= count. Stop once exactly `count` keys are >= lo; else
+    // all bits are resolved, lo is the count-th key and ties at it go to the smallest ids.
+    uint32_t lo = prefix;
+    int c_lo = nk;
+    for (int bit = top; bit >= 0 && c_lo != count; --bit) {
+      const uint32_t cand = lo | (1u << bit);
+      const int c = count_at_least(key, cand);
+      if (c >= count) lo = cand, c_lo = c;
+    }
+    const bool exact = c_lo == count;
+    const int n_gt = exact ? count : (lo == 0xffffffffu ? 0 : count_at_least(key, lo + 1));
+    const int need_eq = count - n_gt;
+    int written = 0, eq_seen = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (written == count) break;  // warp-uniform
+      const int j = i * 32 + lane;
+      const bool valid = j < nk;
+      const bool sure = valid && (exact ? key[i] >= lo : key[i] > lo);
+      const bool tie = valid && !exact && key[i] == lo;
+      write_step(sure, tie, j, need_eq, lane, out, written, eq_seen);
+    }
+  }
   for (int j = count + lane; j < p.width; j += 32) out[j] = -1;
   if (lane == 0) p.counts[row] = count;
 }
