@@ -817,14 +817,16 @@ __device__ __forceinline__ void topk_in_runs(const uint32_t (&key)[kPerLane], in
 }
 
 // Top-k ranking with the scores kept on chip: a CTA scores 16 query blocks against all Nk
-// key blocks (3xTF32 products as in score_kernel), stores them as order keys in shared memory
+// key blocks (3xTF32 products as in score_kernel, k split by split_tf32_fast), stores them as
+// order keys in shared memory
 // and its warps then choose each row's top-k with the row's keys in registers
 // (topk_in_runs). The score matrix never reaches global memory (its write and read were
 // 0.45 GB at W720s).
 // Scoring: the q rows are split into TF32 (big, small) fragments once, in fragment order (one
 // 16-byte shared load per fragment). Each warp walks its own groups of 16 key blocks with no
 // barrier: it loads a group's B fragments straight from global memory (L2), 16 bytes per lane
-// and load, the next group's loads in flight while the current one is multiplied. For that the
+// and load, all of them in flight at once (two CTAs of eight warps per SM hide the rest; a second
+// group in registers spilled at the 128 registers two CTAs allow). For that the
 // products take the head dim in a permuted order (the same for q and k, so the dot products are
 // the same sums, associated differently): k-steps 2i and 2i+1 read dims 16i + 4t .. 16i + 4t + 3
 // of lane t's key, b0 and b1 of step 2i from the first two, of step 2i+1 from the last two.
