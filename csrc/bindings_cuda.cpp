@@ -269,7 +269,7 @@ void set_choice(bsa::SelectParams& p, const Tensor& q_pooled, const Tensor& k_po
 // the scores in shared memory (run_rank makes the same choice on the same device).
 Tensor score_workspace(const Tensor& like, int64_t B, int64_t H, int64_t nq, int64_t nk, int64_t D,
                        double cdf_threshold) {
-  const bool fused = bsa::select_fused_applies(int(D), int(nk), cdf_threshold > 0, bsa::current_device_smem_optin());
+  const bool fused = bsa::select_fused_applies(int(D), int(nk), cdf_threshold > 0, bsa::current_device_smem_per_sm());
   return torch::stable::new_empty(like, fused ? std::vector<int64_t>{0} : std::vector<int64_t>{B, H, nq, nk},
                                   ScalarType::Float);
 }

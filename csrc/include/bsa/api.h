@@ -25,8 +25,9 @@ cudaError_t run_rank(const SelectParams& params, cudaStream_t stream);
 // a CTA scores 16 query blocks against every key block and keeps the scores in shared memory
 // as order keys (16 x Nk rounded up to 4), then chooses with each row's keys in registers (at
 // most 44 a lane: Nk <= 1408; with 96 a lane, Nk = 2640 measured 3.73 ms against 3.07 for the
-// score matrix in global memory, on H100). Before them, one region serves the split q fragments (head_dim
-// x 16 x 2 words) while scoring and 8 warps' histograms (256) and candidates (128) while choosing.
+// score matrix in global memory, on H100). Before the keys, one region serves the split q
+// fragments (head_dim x 16 x 2 words) while scoring, and 8 warps' histograms (256 words) and
+// candidates (128) while choosing.
 constexpr int kSelectFusedRows = 16;
 constexpr int kSelectFusedMaxKeys = 1408;
 constexpr int select_fused_scratch_bytes(int head_dim) {
@@ -35,16 +36,18 @@ constexpr int select_fused_scratch_bytes(int head_dim) {
 constexpr int select_fused_smem_bytes(int head_dim, int nk) {
   return kSelectFusedRows * ((nk + 3) & ~3) * 4 + select_fused_scratch_bytes(head_dim);
 }
-// Whether top-k selection takes the fused path on a device whose per-block shared memory limit
-// (opt-in) is `smem_optin`; cdf modes never do (their choosers need the whole row's masses).
-constexpr bool select_fused_applies(int head_dim, int nk, bool cdf, int smem_optin) {
-  return !cdf && nk <= kSelectFusedMaxKeys && select_fused_smem_bytes(head_dim, nk) <= smem_optin;
+// Whether top-k selection takes the fused path on a device with `smem_per_sm` bytes of shared
+// memory per SM: only where two CTAs fit on an SM (each also takes 1 KB the system reserves),
+// the configuration measured faster than the score matrix in global memory (one CTA per SM was
+// slower on H100). cdf modes never do: their choosers need the whole row's masses.
+constexpr bool select_fused_applies(int head_dim, int nk, bool cdf, int smem_per_sm) {
+  return !cdf && nk <= kSelectFusedMaxKeys && 2 * (select_fused_smem_bytes(head_dim, nk) + 1024) <= smem_per_sm;
 }
-// The current device's opt-in shared memory per block (0 if it cannot be read).
-inline int current_device_smem_optin() {
+// The current device's shared memory per SM (0 if it cannot be read).
+inline int current_device_smem_per_sm() {
   int device = 0, bytes = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) return 0;
   return bytes;
 }
 

@@ -977,7 +977,7 @@ cudaError_t run_rank(const SelectParams& p, cudaStream_t stream) {
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks(), bh = p.batch * p.heads;
   if (nq == 0 || nk == 0 || bh == 0) return cudaSuccess;
   const bool cdf = p.cdf_threshold > 0.f;
-  if (select_fused_applies(kHeadDim, nk, cdf, current_device_smem_optin())) {
+  if (select_fused_applies(kHeadDim, nk, cdf, current_device_smem_per_sm())) {
     // Registers per lane for a row's keys: the chooser's passes cost in proportion to them.
     static_assert(kSelectFusedMaxKeys == 44 * 32, "the widest variant holds 44 keys a lane");
     if (nk <= 256) return sel::launch_topk_fused<kHeadDim, 8>(p, stream);
