@@ -309,7 +309,8 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   Tensor indices = torch::stable::new_empty(q, {B, H, nq, width}, ScalarType::Int);
   Tensor counts = torch::stable::new_empty(q, {B, H, nq}, ScalarType::Int);
   if (B * H * nq == 0) return {indices, counts};
-  // Workspaces: pooled blocks and the score matrix (freed back to torch's caching allocator).
+  // Workspaces: pooled blocks and the score matrix (none on the fused top-k path), freed back to
+  // torch's caching allocator.
   Tensor q_pooled = torch::stable::new_empty(q, {B, H, nq, D}, ScalarType::Float);
   Tensor k_pooled = torch::stable::new_empty(q, {B, H, nk, D}, ScalarType::Float);
   Tensor scores = score_workspace(q, B, H, nq, nk, D, cdf_threshold);
