@@ -92,8 +92,9 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const SelectParams p
 }
 
 // Scores on tensor cores with fp32 accuracy (3xTF32): each fp32 operand x is split into
-// big = tf32(x) and small = tf32(x - big); big*big + big*small + small*big keeps ~22 mantissa
-// bits per product, so selections agree with an fp32 SIMT dot product up to rounding.
+// big = tf32(x) and small = tf32(x - big) (k by split_tf32_fast, truncating: two instructions
+// instead of seven); big*big + big*small + small*big keeps ~21 mantissa bits per product, so
+// selections agree with an fp32 SIMT dot product up to rounding.
 // 128x128 tile per CTA, 8 warps as 2 (query) x 4 (key), 64x32 per warp of m16n8k8 tiles.
 // The head dim streams through two cp.async stages of 16 floats.
 constexpr int kTile = 128;
@@ -188,8 +189,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2) score_kernel(const SelectPar
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         const int n = wn * 32 + nt * 8 + g;
-        split_tf32(sb[stage][n][ks + t], b_big[nt][0], b_small[nt][0]);
-        split_tf32(sb[stage][n][ks + t + 4], b_big[nt][1], b_small[nt][1]);
+        split_tf32_fast(sb[stage][n][ks + t], b_big[nt][0], b_small[nt][0]);
+        split_tf32_fast(sb[stage][n][ks + t + 4], b_big[nt][1], b_small[nt][1]);
       }
       // Small cross terms first: they are added before the big product swamps them.
 #pragma unroll
