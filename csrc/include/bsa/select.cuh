@@ -292,6 +292,21 @@ __device__ __forceinline__ int warp_pick_bin(const int* hist, int rank, int lane
   return __shfl_sync(0xffffffff, bin, owner);
 }
 
+// The key of rank `rank` (1 = largest) among a warp's n_cand candidates in shared memory
+// (1 <= rank <= n_cand), found by ranking every candidate against all others; every lane gets it.
+__device__ __forceinline__ uint32_t rank_candidates(const uint32_t* cand, int n_cand, int rank, int lane) {
+  bool mine = false;
+  uint32_t value = 0;
+  for (int c = lane; c < n_cand; c += 32) {
+    const uint32_t v = cand[c];
+    int gt = 0, ge = 0;
+    for (int i = 0; i < n_cand; ++i) gt += cand[i] > v, ge += cand[i] >= v;
+    if (gt < rank && rank <= ge) mine = true, value = v;
+  }
+  const int owner = __ffs(__ballot_sync(0xffffffff, mine)) - 1;
+  return __shfl_sync(0xffffffff, value, owner);
+}
+
 template <int kHeadDim>
 __global__ void __launch_bounds__(kChooseThreads) choose_kernel(const SelectParams p) {
   extern __shared__ uint32_t keys[];  // [nk] order-preserving keys of this row's scores
@@ -639,16 +654,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) choose_row_kernel(const Select
       }
       __syncwarp();
       if (n_cand <= kRowCandidates) {
-        bool mine = false;
-        uint32_t value = 0;
-        for (int c = lane; c < n_cand; c += 32) {
-          const uint32_t v = cand[c];
-          int gt = 0, ge = 0;
-          for (int i = 0; i < n_cand; ++i) gt += cand[i] > v, ge += cand[i] >= v;
-          if (gt < rank && rank <= ge) mine = true, value = v;
-        }
-        const int owner = __ffs(__ballot_sync(0xffffffff, mine)) - 1;
-        x = __shfl_sync(0xffffffff, value, owner);
+        x = rank_candidates(cand, n_cand, rank, lane);
         found = true;
       }
     }
@@ -761,16 +767,7 @@ __device__ __forceinline__ void topk_in_runs(const uint32_t (&key)[kPerLane], in
         pos += static_cast<int>(bit);
       }
       __syncwarp();
-      bool hit = false;
-      uint32_t value = 0;
-      for (int c = lane; c < n_cand; c += 32) {
-        const uint32_t v = cand[c];
-        int gt = 0, ge = 0;
-        for (int i = 0; i < n_cand; ++i) gt += cand[i] > v, ge += cand[i] >= v;
-        if (gt < rank && rank <= ge) hit = true, value = v;
-      }
-      const int owner = __ffs(__ballot_sync(0xffffffff, hit)) - 1;
-      x = __shfl_sync(0xffffffff, value, owner);
+      x = rank_candidates(cand, n_cand, rank, lane);
       found = true;
     }
   }
