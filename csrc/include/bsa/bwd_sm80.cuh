@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, p.geom_k, p.k_row_stride, p.v_row_stride, tid);
+  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int len = end - begin;
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapQ, kThreads>(q_off, do_off, p.geom_q, p.q_row_stride, p.dout_row_stride, tid);
+  init_row_offsets<kHeadDim, kCapQ, kThreads>(q_off, do_off, q_rows, p.q_row_stride, p.dout_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, p.geom_k, p.k_row_stride, p.v_row_stride, tid);
+  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, p.geom_k, p.k_row_stride, p.v_row_stride, tid);
+  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);

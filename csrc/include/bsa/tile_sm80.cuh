@@ -91,12 +91,14 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
 }
 
 // Fills the row-offset tables (elements, by row_table_slot) of two tensors gathered with one
-// block geometry (K and V, or Q and dO).
+// block geometry (K and V, or Q and dO), from that geometry's row table `rows` as
+// init_row_tables filled it: each thread reads back the rows it wrote itself (both loops give
+// row r to thread r % kThreads), so no barrier is needed in between.
 template <int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void init_row_offsets(int64_t* a_off, int64_t* b_off, const Geometry& g, int64_t a_stride,
-                                                 int64_t b_stride, int tid) {
+__device__ __forceinline__ void init_row_offsets(int64_t* a_off, int64_t* b_off, const RowCoord* rows,
+                                                 int64_t a_stride, int64_t b_stride, int tid) {
   for (int r = tid; r < kRows; r += kThreads) {
-    const int64_t offset = row_coord(g, r).offset;
+    const int64_t offset = rows[r].offset;
     const int slot = row_table_slot<kHeadDim, kRows, kThreads>(r);
     a_off[slot] = offset * a_stride;
     b_off[slot] = offset * b_stride;
