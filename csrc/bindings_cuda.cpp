@@ -314,8 +314,11 @@ std::tuple<Tensor, Tensor> cuda_select_blocks(Tensor q, Tensor k, std::vector<in
   Tensor q_pooled = torch::stable::new_empty(q, {B, H, nq, D}, ScalarType::Float);
   Tensor k_pooled = torch::stable::new_empty(q, {B, H, nk, D}, ScalarType::Float);
   Tensor scores = score_workspace(q, B, H, nq, nk, D, cdf_threshold);
+  // Counters of the one-launch pooling and ranking path (zeroed by run_select when it applies).
+  Tensor pool_sync = torch::stable::new_empty(q, {1 + B * H}, ScalarType::Int);
 
   bsa::SelectParams p{};
+  p.pool_sync = static_cast<int32_t*>(pool_sync.data_ptr());
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   strides_of(q, &p.q_batch_stride, &p.q_head_stride, &p.q_row_stride);

@@ -322,6 +322,18 @@ def test_selection_key_block_counts_across_kernel_variants(nk, sparsity, cdf):
     _check_selection(q, k, gq, gk, sparsity, cdf, None)
 
 
+@pytest.mark.parametrize("chunk_q,chunk_k", [((2, 4, 4), (4, 2, 4)), ((3, 3, 3), (1, 1, 5)), ((4, 4, 8), (4, 4, 8))])
+def test_selection_one_launch_pooling_across_heads(chunk_q, chunk_k):
+    # Top-k selection pools and ranks in one launch where block capacities are multiples of 4
+    # (select.cuh topk_pooled_kernel): ranking CTAs wait on per-head counters that pooling warps
+    # of other CTAs fill. Many (batch, head) pairs with partial edge chunks, so that heads are
+    # pooled by different CTAs than rank them; capacities 27 and 5 take the two-launch path.
+    gq, gk = geom((7, 10, 13), chunk_q), geom((9, 6, 11), chunk_k)
+    q, k, _ = make_qkv(3, 5, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=2.0)
+    for _ in range(2):  # a second call reuses the counters' memory: they are zeroed per call
+        _check_selection(q, k, gq, gk, 0.75, None, None)
+
+
 def test_topk_selection_allocates_no_score_matrix():
     # Top-k rows of up to 1408 key blocks are scored and chosen on chip (topk_fused_kernel): the
     # [B, H, Nq, Nk] fp32 score matrix, which the cdf choosers still read from global memory, is

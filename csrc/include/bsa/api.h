@@ -43,6 +43,29 @@ constexpr int select_fused_smem_bytes(int head_dim, int nk) {
 constexpr bool select_fused_applies(int head_dim, int nk, bool cdf, int smem_per_sm) {
   return !cdf && nk <= kSelectFusedMaxKeys && 2 * (select_fused_smem_bytes(head_dim, nk) + 1024) <= smem_per_sm;
 }
+// run_select's one launch for pooling and top-k ranking (select.cuh, topk_pooled_kernel): each
+// thread streams rows through kSelectPoolDepth private 16-byte cp.async slots (256 threads), and
+// the q and k row tables (8 bytes a row) follow; the ranking reuses the same memory afterwards.
+constexpr int kSelectPoolDepth = 24;
+constexpr int kSelectPoolBatch = 4;  // rows per commit group: capacities must be multiples of it
+constexpr int kSelectPoolRingBytes = kSelectPoolDepth * 256 * 16;
+constexpr int select_pooled_smem_bytes(int head_dim, int nk, int cap_q, int cap_k) {
+  return select_fused_smem_bytes(head_dim, nk) > kSelectPoolRingBytes + 8 * (cap_q + cap_k)
+             ? select_fused_smem_bytes(head_dim, nk)
+             : kSelectPoolRingBytes + 8 * (cap_q + cap_k);
+}
+constexpr bool select_pooled_applies(int head_dim, int nk, int cap_q, int cap_k, bool cdf, int smem_per_sm) {
+  return select_fused_applies(head_dim, nk, cdf, smem_per_sm) && cap_q % kSelectPoolBatch == 0 &&
+         cap_k % kSelectPoolBatch == 0 &&
+         2 * (select_pooled_smem_bytes(head_dim, nk, cap_q, cap_k) + 1024) <= smem_per_sm;
+}
+// The current device's number of SMs (0 if it cannot be read).
+inline int current_device_sm_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  return count;
+}
 // The current device's shared memory per SM (0 if it cannot be read).
 inline int current_device_smem_per_sm() {
   int device = 0, bytes = 0;

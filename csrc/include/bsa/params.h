@@ -130,6 +130,9 @@ struct SelectParams {
   float* scores;    // [B, H, Nq, Nk]
   int32_t* indices;  // [B, H, Nq, width]
   int32_t* counts;   // [B, H, Nq]
+  // [1 + B*H] int32 for run_select's one-launch path (select.cuh, topk_pooled_kernel): the pooling
+  // claim counter, then per (batch, head) the pooled units done. run_select zeroes it; may be null.
+  int32_t* pool_sync;
   int batch, heads, head_dim;
   Geometry geom_q, geom_k;
   int topk;             // K of the top-k rule; 0 in pure cdf mode
