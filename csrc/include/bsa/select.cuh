@@ -837,12 +837,14 @@ static_assert(kFusedWarps == 8 && kRowCandidates == 128, "api.h sizes the choose
 // Head dim read by lane t as b0 of k-step s (b1 is the next one); the A fragments use the same map.
 __device__ __forceinline__ int fused_dim(int s, int t) { return 16 * (s / 2) + 4 * t + 2 * (s % 2); }
 
-// Pooled inputs are read with plain non-coherent loads (__ldg) where they were written by an
-// earlier launch, and through L2 only (__ldcg) where other CTAs of the same launch wrote them.
+// Pooled inputs are read through the non-coherent path (__ldg) where an earlier launch wrote
+// them, and with plain (weak) loads where other CTAs of the same launch did: after the acquire of
+// the head's counter (and a barrier) the memory model makes those writes visible to weak loads,
+// which may still hit L1, where two CTAs of one head on an SM share the keys.
 template <bool kCoherent, typename T>
 __device__ __forceinline__ T load_pooled(const T* ptr) {
   if constexpr (kCoherent) {
-    return __ldcg(ptr);
+    return *ptr;
   } else {
     return __ldg(ptr);
   }
