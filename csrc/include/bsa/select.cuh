@@ -3,8 +3,11 @@
 //   1. pool_kernel: mean of the valid tokens of every q and k block, read in place from
 //      the THW tensors with 16-byte loads, fp32 sums, into [B, H, N, D] fp32 workspaces;
 //   2. score_kernel: s = q_pooled . k_pooled^T, fp32-accurate on tensor cores (3xTF32);
-//   2+3. top-k rows that fit in shared memory (nearly all; api.h select_fused_rows) take
-//      topk_fused_kernel instead: the same scores, kept on chip, and choose_row_topk per row;
+//   2+3. top-k rows that fit in shared memory (nearly all; api.h select_fused_applies) take
+//      topk_fused_kernel instead: the same scores, kept on chip, and topk_in_runs per row;
+//   1+2+3. where also block capacities are multiples of 4 and two 97 KB CTAs fit on an SM
+//      (api.h select_pooled_applies; H100), run_select makes all of it one launch,
+//      topk_pooled_kernel: ranking CTAs start per head as soon as its pooling is done;
 //   3. one chooser finds the cdf count and the exact top-k over order-preserving uint32 keys,
 //      ties to the smaller id: choose_warp_kernel (a warp per query block, keys in registers:
 //      short rows and cdf rows up to 4096), choose_row_kernel (a warp per query block, keys in
