@@ -843,7 +843,9 @@ __device__ __forceinline__ int fused_dim(int s, int t) { return 16 * (s / 2) + 4
 // Pooled inputs are read through the non-coherent path (__ldg) where an earlier launch wrote
 // them, and with plain (weak) loads where other CTAs of the same launch did: after the acquire of
 // the head's counter (and a barrier) the memory model makes those writes visible to weak loads,
-// which may still hit L1, where two CTAs of one head on an SM share the keys.
+// which may still hit L1, where two CTAs of one head on an SM share the keys. (The pooled
+// pointers are not __restrict__, and the kernel stores through others, so the compiler cannot
+// turn these into non-coherent loads; the SASS shows LDG.E.)
 template <bool kCoherent, typename T>
 __device__ __forceinline__ T load_pooled(const T* ptr) {
   if constexpr (kCoherent) {
