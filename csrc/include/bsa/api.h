@@ -59,19 +59,16 @@ constexpr bool select_pooled_applies(int head_dim, int nk, int cap_q, int cap_k,
          cap_k % kSelectPoolBatch == 0 &&
          2 * (select_pooled_smem_bytes(head_dim, nk, cap_q, cap_k) + 1024) <= smem_per_sm;
 }
-// The current device's number of SMs (0 if it cannot be read).
-inline int current_device_sm_count() {
-  int device = 0, count = 0;
+// An attribute of the current device (0 if it cannot be read).
+inline int current_device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  return count;
+  if (cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) return 0;
+  return value;
 }
-// The current device's shared memory per SM (0 if it cannot be read).
+inline int current_device_sm_count() { return current_device_attribute(cudaDevAttrMultiProcessorCount); }
 inline int current_device_smem_per_sm() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) return 0;
-  return bytes;
+  return current_device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
 }
 
 // Backward: delta = rowsum(dout * out), then dq and dk/dv; needs params.qlist/qoffsets from

@@ -32,12 +32,17 @@ __host__ __device__ inline RowCoord row_coord(const Geometry& g, int r) {
   return {(dt * g.H + dh) * g.W + dw, dt | (dh << 10) | (dw << 20)};
 }
 
-// Fills a CTA's row tables of one query chunk and one key chunk (called by all kThreads threads).
+// Fills a CTA's row tables of one query chunk and one key chunk (called by all `threads` threads).
+__device__ inline void init_row_tables(RowCoord* q_rows, RowCoord* k_rows, const Geometry& gq, const Geometry& gk,
+                                       int cap_q, int cap_k, int tid, int threads) {
+  for (int r = tid; r < cap_q; r += threads) q_rows[r] = row_coord(gq, r);
+  for (int r = tid; r < cap_k; r += threads) k_rows[r] = row_coord(gk, r);
+}
+// The same for kernels whose capacities and thread count are compile-time constants.
 template <int kCapQ, int kCapK, int kThreads>
 __device__ inline void init_row_tables(RowCoord* q_rows, RowCoord* k_rows, const Geometry& gq, const Geometry& gk,
                                        int tid) {
-  for (int r = tid; r < kCapQ; r += kThreads) q_rows[r] = row_coord(gq, r);
-  for (int r = tid; r < kCapK; r += kThreads) k_rows[r] = row_coord(gk, r);
+  init_row_tables(q_rows, k_rows, gq, gk, kCapQ, kCapK, tid, kThreads);
 }
 
 // Whether a block id from a user tensor names one of n blocks (one unsigned compare).
@@ -73,6 +78,12 @@ __host__ __device__ inline BlockOrigin block_origin(const Geometry& g, int b) {
   o.rem_w = g.W - iw * g.w;
   o.full = o.rem_t >= g.t && o.rem_h >= g.h && o.rem_w >= g.w;
   return o;
+}
+
+// The number of real rows (tokens inside the latent) of the block at o.
+__host__ __device__ inline int valid_rows(const Geometry& g, const BlockOrigin& o) {
+  const int t = o.rem_t < g.t ? o.rem_t : g.t, h = o.rem_h < g.h ? o.rem_h : g.h, w = o.rem_w < g.w ? o.rem_w : g.w;
+  return t * h * w;
 }
 
 __host__ __device__ inline bool row_inside(const BlockOrigin& o, int packed) {

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(const SelectParams p
     float sum = 0.f;
 #pragma unroll
     for (int gi = 0; gi < kGroups; ++gi) sum += partial[gi][tid];
-    const int valid = min(geom.t, o.rem_t) * min(geom.h, o.rem_h) * min(geom.w, o.rem_w);
+    const int valid = valid_rows(geom, o);
     float* dst = is_q ? p.q_pooled + (static_cast<int64_t>(bh) * nq + blk) * kHeadDim
                       : p.k_pooled + (static_cast<int64_t>(bh) * p.geom_k.num_blocks() + blk) * kHeadDim;
     dst[tid] = sum / static_cast<float>(valid);
@@ -1023,13 +1023,6 @@ struct PoolLane {
   int bh;
 };
 
-// init_row_tables (params.h) with run-time capacities: the selection kernels serve every capacity.
-__device__ inline void init_row_tables_dyn(RowCoord* q_rows, RowCoord* k_rows, const Geometry& gq, const Geometry& gk,
-                                           int cap_q, int cap_k) {
-  for (int r = threadIdx.x; r < cap_q; r += blockDim.x) q_rows[r] = row_coord(gq, r);
-  for (int r = threadIdx.x; r < cap_k; r += blockDim.x) k_rows[r] = row_coord(gk, r);
-}
-
 template <DType kDType, int kHeadDim>
 __device__ __forceinline__ PoolLane pool_lane(const SelectParams& p, int unit, int units_per_head, int lane) {
   using Element = typename ElementOf<kDType>::type;
@@ -1041,15 +1034,15 @@ __device__ __forceinline__ PoolLane pool_lane(const SelectParams& p, int unit, i
   const Geometry& g = is_q ? p.geom_q : p.geom_k;
   const int b = bh / p.heads, h = bh - b * p.heads, ch = lane % L::kChunks;
   PoolLane u;
-  const Element* head = is_q ? static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride
-                             : static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const Element* head = is_q ? head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h)
+                             : head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
   u.base = reinterpret_cast<const char*>(head + ch * 8);
   u.stride = (is_q ? p.q_row_stride : p.k_row_stride) * static_cast<int64_t>(sizeof(Element));
   u.o = block_origin(g, min(blk, n - 1));
   u.cap = g.capacity();
   u.table = is_q ? 0 : p.geom_q.capacity();
   u.dst = blk < n ? (is_q ? p.q_pooled : p.k_pooled) + (static_cast<int64_t>(bh) * n + blk) * kHeadDim + ch * 8 : nullptr;
-  u.valid = static_cast<float>(min(g.t, u.o.rem_t) * min(g.h, u.o.rem_h) * min(g.w, u.o.rem_w));
+  u.valid = static_cast<float>(valid_rows(g, u.o));
   u.bh = bh;
   return u;
 }
@@ -1184,7 +1177,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) topk_pooled_kernel(const Sel
   uint4* ring = reinterpret_cast<uint4*>(fused_smem);
   RowCoord* tables = reinterpret_cast<RowCoord*>(fused_smem + kSelectPoolRingBytes / 4);
   const int cap_q = p.geom_q.capacity(), cap_k = p.geom_k.capacity();
-  init_row_tables_dyn(tables, tables + cap_q, p.geom_q, p.geom_k, cap_q, cap_k);
+  init_row_tables(tables, tables + cap_q, p.geom_q, p.geom_k, cap_q, cap_k, threadIdx.x, kFusedThreads);
   __syncthreads();
 
   if (static_cast<int>(blockIdx.x) < pool_ctas) {
