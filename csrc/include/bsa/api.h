@@ -25,13 +25,13 @@ cudaError_t run_rank(const SelectParams& params, cudaStream_t stream);
 // a CTA scores 16 query blocks against every key block and keeps the scores in shared memory
 // as order keys (16 x Nk rounded up to 4), then chooses with each row's keys in registers (at
 // most 44 a lane: Nk <= 1408; with 96 a lane, Nk = 2640 measured 3.73 ms against 3.07 for the
-// score matrix in global memory, on H100). Before the keys, one region serves the split q
-// fragments (head_dim x 16 x 2 words) while scoring, and 8 warps' histograms (256 words) and
+// score matrix in global memory, on H100). Before the keys, one region serves the q fragments
+// (head_dim x 16 words) while scoring, and 8 warps' histograms (256 words) and
 // candidates (128) while choosing.
 constexpr int kSelectFusedRows = 16;
 constexpr int kSelectFusedMaxKeys = 1408;
 constexpr int select_fused_scratch_bytes(int head_dim) {
-  return head_dim * kSelectFusedRows * 8 > 8 * (256 + 128) * 4 ? head_dim * kSelectFusedRows * 8 : 8 * (256 + 128) * 4;
+  return head_dim * kSelectFusedRows * 4 > 8 * (256 + 128) * 4 ? head_dim * kSelectFusedRows * 4 : 8 * (256 + 128) * 4;
 }
 constexpr int select_fused_smem_bytes(int head_dim, int nk) {
   return kSelectFusedRows * ((nk + 3) & ~3) * 4 + select_fused_scratch_bytes(head_dim);

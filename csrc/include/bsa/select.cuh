@@ -819,19 +819,20 @@ __device__ __forceinline__ void topk_in_runs(const uint32_t (&key)[kPerLane], in
 }
 
 // Top-k ranking with the scores kept on chip: a CTA scores 16 query blocks against all Nk
-// key blocks (3xTF32 products as in score_kernel, k split by split_tf32_fast), stores them as
-// order keys in shared memory
-// and its warps then choose each row's top-k with the row's keys in registers
-// (topk_in_runs). The score matrix never reaches global memory (its write and read were
-// 0.45 GB at W720s).
-// Scoring: the q rows are split into TF32 (big, small) fragments once, in fragment order (one
-// 16-byte shared load per fragment). Each warp walks its own groups of 16 key blocks with no
-// barrier: it loads a group's B fragments straight from global memory (L2), 16 bytes per lane
-// and load, all of them in flight at once (two CTAs of eight warps per SM hide the rest; a second
-// group in registers spilled at the 128 registers two CTAs allow). For that the
-// products take the head dim in a permuted order (the same for q and k, so the dot products are
-// the same sums, associated differently): k-steps 2i and 2i+1 read dims 16i + 4t .. 16i + 4t + 3
-// of lane t's key, b0 and b1 of step 2i from the first two, of step 2i+1 from the last two.
+// key blocks (3xTF32 products as in score_kernel, q and k split by split_tf32_fast), stores
+// them as order keys in shared memory and its warps then choose each row's top-k with the
+// row's keys in registers (topk_in_runs). The score matrix never reaches global memory (its
+// write and read were 0.45 GB at W720s).
+// Scoring: the q rows are stored in fragment order (one 16-byte shared load per fragment) and
+// split where they are used: stored pre-split, A took twice the shared-memory reads of the B
+// fragments and the kernel was 1% slower (docs/PERF.md, session 10). Each warp walks its own
+// groups of 16 key blocks with no barrier: it loads a group's B fragments straight from global
+// memory (L2), 16 bytes per lane and load, all of them in flight at once (two CTAs of eight
+// warps per SM hide the rest; a second group in registers spilled at the 128 registers two CTAs
+// allow). For that the products take the head dim in a permuted order (the same for q and k, so
+// the dot products are the same sums, associated differently): k-steps 2i and 2i+1 read dims
+// 16i + 4t .. 16i + 4t + 3 of lane t's key, b0 and b1 of step 2i from the first two, of step
+// 2i+1 from the last two.
 constexpr int kFusedThreads = 256;
 constexpr int kFusedWarps = kFusedThreads / 32;
 constexpr int kFusedKeys = 16;  // key blocks per warp step: two n8 tiles
@@ -862,7 +863,7 @@ __device__ __forceinline__ void topk_fused_rows(const SelectParams& p, int bh, i
   constexpr int kMt = kRows / 16;
   constexpr int kSteps = kHeadDim / 8;  // k-steps of the m16n8k8 products
   constexpr int kVec = kHeadDim / 16;   // 16-byte loads per key row and lane
-  uint4* a_frag = reinterpret_cast<uint4*>(fused_smem);  // [kSteps][kMt][big, small][lane]
+  float4* a_frag = reinterpret_cast<float4*>(fused_smem);  // [kSteps][kMt][lane], split when used
   uint32_t* keys = fused_smem + select_fused_scratch_bytes(kHeadDim) / 4;  // [kRows][pitch]
 
   const int nq = p.geom_q.num_blocks(), nk = p.geom_k.num_blocks();
@@ -880,11 +881,7 @@ __device__ __forceinline__ void topk_fused_rows(const SelectParams& p, int bh, i
                         r + 8 < nq ? load_pooled<kCoherent>(row8 + c) : 0.f,
                         r < nq ? load_pooled<kCoherent>(row0 + c + 1) : 0.f,
                         r + 8 < nq ? load_pooled<kCoherent>(row8 + c + 1) : 0.f};
-    uint32_t big[4], small[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) split_tf32(x[e], big[e], small[e]);
-    a_frag[((ks * kMt + mt) * 2 + 0) * 32 + l] = make_uint4(big[0], big[1], big[2], big[3]);
-    a_frag[((ks * kMt + mt) * 2 + 1) * 32 + l] = make_uint4(small[0], small[1], small[2], small[3]);
+    a_frag[(ks * kMt + mt) * 32 + l] = make_float4(x[0], x[1], x[2], x[3]);
   }
   __syncthreads();
 
@@ -923,9 +920,12 @@ __device__ __forceinline__ void topk_fused_rows(const SelectParams& p, int bh, i
       }
 #pragma unroll
       for (int mt = 0; mt < kMt; ++mt) {
-        const uint4 ab = a_frag[((ks * kMt + mt) * 2 + 0) * 32 + lane];
-        const uint4 as = a_frag[((ks * kMt + mt) * 2 + 1) * 32 + lane];
-        const uint32_t a_big[4] = {ab.x, ab.y, ab.z, ab.w}, a_small[4] = {as.x, as.y, as.z, as.w};
+        const float4 av = a_frag[(ks * kMt + mt) * 32 + lane];
+        uint32_t a_big[4], a_small[4];
+        split_tf32_fast(av.x, a_big[0], a_small[0]);
+        split_tf32_fast(av.y, a_big[1], a_small[1]);
+        split_tf32_fast(av.z, a_big[2], a_small[2]);
+        split_tf32_fast(av.w, a_big[3], a_small[3]);
         // The small cross terms first, then the big product (as in score_kernel).
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
@@ -1065,12 +1065,19 @@ __device__ __forceinline__ void pool_units(const SelectParams& p, int units_per_
   uint4* slots = ring + threadIdx.x;  // slot s at slots[s * kFusedThreads]: private to this thread
 
   // Lane 0's claim of a unit (total: none), started now and read (shuffled) a unit later. A
-  // helper stops claiming once its head was complete when it last looked.
+  // helper claims only while the counter has not passed its head (units go in head-major order,
+  // so every unit of its head is then claimed by a running warp) and its head was not complete
+  // when it last looked. Helpers that claimed later heads' units spent ranking slots on pooling
+  // and spread the DRAM bandwidth over several heads at once (the first head was complete only
+  // after ~0.1 ms at W720s; per-CTA timeline in docs/PERF.md, session 10).
   int seen = 0;
+  const int head_end = (stop_bh + 1) * units_per_head;
+  int last = stop_bh >= 0 && lane == 0 ? *reinterpret_cast<volatile int*>(claim_counter) - 1 : -1;
   auto start_claim = [&]() {
     int u = total;
-    if (lane == 0 && (stop_bh < 0 || seen < units_per_head)) {
+    if (lane == 0 && (stop_bh < 0 || (seen < units_per_head && last < head_end))) {
       u = atomicAdd(claim_counter, 1);
+      last = u;  // compared at the next claim, a unit later: the atomic's round trip is not waited for
       if (stop_bh >= 0) seen = *reinterpret_cast<volatile int*>(done + stop_bh);
     }
     return u;
