@@ -1,0 +1,52 @@
+"""Times the parts of the CUDA top-k selection at a SPEC workload (default W720s).
+
+    python tools/device/select_parts.py [W720s] [--once] [--label L] [--select-only]
+Prints do_bench medians of: the whole selection (cuda_select_blocks), the pooling alone
+(cuda_pool_blocks of q and of k) and the ranking alone (cuda_select_pooled on those pooled
+blocks, the two-launch fused path). ``--once`` runs each op once and exits: a target for ncu.
+"""
+
+import json
+import sys
+
+import torch
+import triton.testing
+
+import bsa_ext  # noqa: F401  (loads the kernels)
+from bsa_ext.layout import ChunkGeometry, selection_width, topk_count
+from bsa_ext.workloads import WORKLOADS
+
+
+def main(argv):
+    name = next((a for a in argv if not a.startswith("--") and a in WORKLOADS), "W720s")
+    label = argv[argv.index("--label") + 1] if "--label" in argv else "build"
+    w = WORKLOADS[name]
+    g = ChunkGeometry(w.latent, w.chunk)
+    H, D = 32, 128
+    torch.manual_seed(0)
+    qkv = torch.randn(1, g.seq_len, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k = qkv[:, :, 0].permute(0, 2, 1, 3), qkv[:, :, 1].permute(0, 2, 1, 3)
+    topk = topk_count(g.num_blocks, w.sparsity)
+    width = selection_width(g.num_blocks, w.sparsity, None, None)
+    gi = g.as_ints()
+    ops = torch.ops.bsa
+    whole = lambda: ops.cuda_select_blocks(q, k, gi, gi, topk, -1.0, width)  # noqa: E731
+    pool = lambda: (ops.cuda_pool_blocks(q, gi), ops.cuda_pool_blocks(k, gi))  # noqa: E731
+    qp, kp = pool()
+    rank = lambda: ops.cuda_select_pooled(qp, kp, topk, -1.0, width)  # noqa: E731
+    for f in (whole, pool, rank):
+        f()
+    torch.cuda.synchronize()
+    if "--once" in argv:
+        return
+    a, b = whole(), rank()
+    same = bool(torch.equal(a[1], b[1]) and torch.equal(a[0].sort(-1).values, b[0].sort(-1).values))
+    parts = (("select", whole),) if "--select-only" in argv else (("select", whole), ("pool", pool), ("rank", rank))
+    for part, f in parts:
+        ms = triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median")
+        print(json.dumps({"workload": name, "part": part, "label": label, "ms": round(ms, 4),
+                          "gpu": torch.cuda.get_device_name(), "rank_equals_select": same}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
