@@ -1002,9 +1002,10 @@ cudaError_t launch_topk_fused(const SelectParams& p, cudaStream_t stream) {
 // (q or k) of one (batch, head), each lane summing 8 dims of one block over its rows in fp32.
 // Units are claimed in (batch, head)-major order from a global counter; each finished unit
 // increments its head's done counter (release), and a ranking CTA starts once its head's count
-// is complete (acquire). The first `pool_ctas` CTAs only pool; a ranking CTA whose head is not
-// pooled yet pools too (claiming units in the same order) until it is, so every claimed unit is
-// finished by a warp that waits on nothing: no launch order or residency is assumed.
+// is complete (acquire). The first `pool_ctas` CTAs only pool; a ranking CTA whose head's units
+// are not all claimed yet pools too (claiming units in the same order) until they are, so every
+// unit its head waits for is claimed by a warp that waits on nothing: no launch order or
+// residency is assumed.
 template <int kHeadDim>
 struct PoolLayout {
   static constexpr int kChunks = kHeadDim / 8;       // lanes per row of a block (16 bytes each)
