@@ -827,15 +827,20 @@ __device__ __forceinline__ void topk_in_runs(const uint32_t (&key)[kPerLane], in
 // split where they are used: stored pre-split, A took twice the shared-memory reads of the B
 // fragments and the kernel was 1% slower (docs/PERF.md, session 10). Each warp walks its own
 // groups of 16 key blocks with no barrier: it loads a group's B fragments straight from global
-// memory (L2), 16 bytes per lane and load, all of them in flight at once (two CTAs of eight
-// warps per SM hide the rest; a second group in registers spilled at the 128 registers two CTAs
-// allow). For that the products take the head dim in a permuted order (the same for q and k, so
-// the dot products are the same sums, associated differently): k-steps 2i and 2i+1 read dims
-// 16i + 4t .. 16i + 4t + 3 of lane t's key, b0 and b1 of step 2i from the first two, of step
-// 2i+1 from the last two.
+// memory (L2), 16 bytes per lane and load, all of them in flight at once, the first kFusedAhead
+// of them during the previous group (two CTAs of eight warps per SM hide the rest; a whole
+// second group in registers spilled at the 128 registers two CTAs allow). For that the
+// products take the head dim in a permuted order (the same for q and k, so the dot products are
+// the same sums, associated differently): k-steps 2i and 2i+1 read dims 16i + 4t .. 16i + 4t + 3
+// of lane t's key, b0 and b1 of step 2i from the first two, of step 2i+1 from the last two.
 constexpr int kFusedThreads = 256;
 constexpr int kFusedWarps = kFusedThreads / 32;
 constexpr int kFusedKeys = 16;  // key blocks per warp step: two n8 tiles
+// 16-byte pieces of each key row of a warp's next group loaded while the current group is
+// multiplied (of kHeadDim / 16): W720s selection 0.825 -> 0.780 ms on H100 with 4, the ranking
+// alone unchanged (the one launch's ranking CTAs see the longer L2 latency of the pooling beside
+// them); 6 spilled 56-64 bytes at 128 registers (docs/PERF.md, session 10).
+constexpr int kFusedAhead = 4;
 static_assert(kFusedWarps == 8 && kRowCandidates == 128, "api.h sizes the choosers' scratch for 8 warps");
 
 // Head dim read by lane t as b0 of k-step s (b1 is the next one); the A fragments use the same map.
@@ -885,23 +890,35 @@ __device__ __forceinline__ void topk_fused_rows(const SelectParams& p, int bh, i
   }
   __syncthreads();
 
-  // B of group u: lane (g, t) holds dims 16i + 4t .. +3 of key 16u + 8nt + g (clamped to the
-  // last key; columns past Nk are computed and never stored).
-  auto load_group = [&](float4 (&b)[2][kVec], int u) {
+  // Pieces i0 .. i1 - 1 of group u's B: lane (g, t) holds dims 16i + 4t .. +3 of key
+  // 16u + 8nt + g as piece i (clamped to the last key; columns past Nk are computed and never
+  // stored). The first kAhead pieces of the warp's next group are loaded while the current
+  // group is multiplied, so that its first products do not wait for L2.
+  constexpr int kAhead = kVec < kFusedAhead ? kVec : kFusedAhead;
+  static_assert(kAhead >= 1, "at least one piece ahead");
+  auto load_pieces = [&](float4 (&b)[2][kVec], int u, int i0, int i1) {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int n = min(u * kFusedKeys + nt * 8 + g, nk - 1);
       const float4* src = reinterpret_cast<const float4*>(kb + static_cast<int64_t>(n) * kHeadDim) + t;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) b[nt][i] = load_pooled<kCoherent>(src + 4 * i);
+      for (int i = 0; i < kVec; ++i)
+        if (i >= i0 && i < i1) b[nt][i] = load_pooled<kCoherent>(src + 4 * i);
     }
   };
 
   const int groups = (nk + kFusedKeys - 1) / kFusedKeys;
+  float4 bnext[2][kVec];  // only pieces 0 .. kAhead - 1 are used
+  if (warp < groups) load_pieces(bnext, warp, 0, kAhead);
 #pragma unroll 1
   for (int u = warp; u < groups; u += kFusedWarps) {
     float4 bcur[2][kVec];
-    load_group(bcur, u);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < kAhead; ++i) bcur[nt][i] = bnext[nt][i];
+    load_pieces(bcur, u, kAhead, kVec);
+    if (u + kFusedWarps < groups) load_pieces(bnext, u + kFusedWarps, 0, kAhead);
     float acc[kMt][2][4];
 #pragma unroll
     for (int mt = 0; mt < kMt; ++mt)
