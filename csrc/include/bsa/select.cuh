@@ -1297,11 +1297,20 @@ cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
   const bool cdf = p.cdf_threshold > 0.f;
   if (p.pool_sync != nullptr && select_pooled_applies(kHeadDim, nk, p.geom_q.capacity(), p.geom_k.capacity(), cdf,
                                                       current_device_smem_per_sm())) {
-    // CTAs that only pool: 3/4 of the SMs measured best at W720s on H100 (0.88 ms, against 0.93
-    // with none and 0.91 with one per SM), as an SM streams only ~30 GB/s through cp.async; at
-    // most one per 64 units for small problems (waiting ranking CTAs pool as well).
+    // CTAs that only pool: the share of the two CTA slots per SM that the pooling takes in
+    // slot-time, with a CTA slot streaming ~25 GB/s through cp.async and a ranking CTA taking
+    // ~8 + 0.025 Nk us (both H100), kept within [SMs / 2, SMs]. Measured on H100 (docs/PERF.md,
+    // session 10): W720s best near 82 of 132 SMs (0.762 ms; 66: 0.853, 99: 0.781), W720s-c128,
+    // whose ranking is a third of W720s's, at 132 (0.551 ms; 99: 0.580). At most one per 64
+    // units for small problems (waiting ranking CTAs pool as well).
     const int units = bh * (sel::PoolLayout<kHeadDim>::units(nq) + sel::PoolLayout<kHeadDim>::units(nk));
-    const int pool_ctas = std::min(3 * current_device_sm_count() / 4, (units + 63) / 64);
+    const int sms = current_device_sm_count();
+    const double tokens = double(p.geom_q.T) * p.geom_q.H * p.geom_q.W + double(p.geom_k.T) * p.geom_k.H * p.geom_k.W;
+    const double pool_slot_us = double(bh) * tokens * kHeadDim * 2 / 25e3;
+    const double rank_slot_us = double(bh) * ((nq + kSelectFusedRows - 1) / kSelectFusedRows) * (8.0 + 0.025 * nk);
+    int pool_ctas = static_cast<int>(2.0 * sms * pool_slot_us / (pool_slot_us + rank_slot_us));
+    pool_ctas = std::min(std::max(pool_ctas, sms / 2), sms);
+    pool_ctas = std::min(pool_ctas, (units + 63) / 64);
     if (nk <= 256) return sel::launch_topk_pooled<kDType, kHeadDim, 8>(p, pool_ctas, stream);
     if (nk <= 768) return sel::launch_topk_pooled<kDType, kHeadDim, 24>(p, pool_ctas, stream);
     return sel::launch_topk_pooled<kDType, kHeadDim, 44>(p, pool_ctas, stream);
