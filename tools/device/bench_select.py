@@ -19,7 +19,9 @@ from bsa_ext.workloads import WORKLOADS
 NAMES = ("W720s", "W720", "W720s-cdf", "W720s-c128")  # the SPEC workloads with a forward-only selection
 
 
-def make_call(name, H=32, D=128):
+def selection_inputs(name, H=32, D=128):
+    """Seeded q, k (strided views of one qkv tensor) of a SPEC workload and the arguments of
+    cuda_select_blocks after them: (q, k, geometry ints, K, cdf threshold or -1, width)."""
     w = WORKLOADS[name]
     sparsity, cdf = w.sparsity, w.cdf_threshold
     g = ChunkGeometry(w.latent, w.chunk)
@@ -27,8 +29,12 @@ def make_call(name, H=32, D=128):
     qkv = torch.randn(1, g.seq_len, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k = qkv[:, :, 0].permute(0, 2, 1, 3), qkv[:, :, 1].permute(0, 2, 1, 3)
     topk, width = topk_count(g.num_blocks, sparsity), selection_width(g.num_blocks, sparsity, cdf, None)
-    gi = g.as_ints()
-    return lambda: torch.ops.bsa.cuda_select_blocks(q, k, gi, gi, topk, -1.0 if cdf is None else cdf, width)
+    return q, k, g.as_ints(), topk, -1.0 if cdf is None else cdf, width
+
+
+def make_call(name, H=32, D=128):
+    q, k, gi, topk, cdf, width = selection_inputs(name, H, D)
+    return lambda: torch.ops.bsa.cuda_select_blocks(q, k, gi, gi, topk, cdf, width)
 
 
 def main():

@@ -7,33 +7,26 @@ blocks, the two-launch fused path). ``--once`` runs each op once and exits: a ta
 """
 
 import json
+import os
 import sys
 
 import torch
 import triton.testing
 
-import bsa_ext  # noqa: F401  (loads the kernels)
-from bsa_ext.layout import ChunkGeometry, selection_width, topk_count
-from bsa_ext.workloads import WORKLOADS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_select import selection_inputs  # noqa: E402  (also loads the kernels)
+from bsa_ext.workloads import WORKLOADS  # noqa: E402
 
 
 def main(argv):
     name = next((a for a in argv if not a.startswith("--") and a in WORKLOADS), "W720s")
     label = argv[argv.index("--label") + 1] if "--label" in argv else "build"
-    w = WORKLOADS[name]
-    g = ChunkGeometry(w.latent, w.chunk)
-    H, D = 32, 128
-    torch.manual_seed(0)
-    qkv = torch.randn(1, g.seq_len, 3, H, D, device="cuda", dtype=torch.bfloat16)
-    q, k = qkv[:, :, 0].permute(0, 2, 1, 3), qkv[:, :, 1].permute(0, 2, 1, 3)
-    topk = topk_count(g.num_blocks, w.sparsity)
-    width = selection_width(g.num_blocks, w.sparsity, None, None)
-    gi = g.as_ints()
+    q, k, gi, topk, cdf, width = selection_inputs(name)
     ops = torch.ops.bsa
-    whole = lambda: ops.cuda_select_blocks(q, k, gi, gi, topk, -1.0, width)  # noqa: E731
+    whole = lambda: ops.cuda_select_blocks(q, k, gi, gi, topk, cdf, width)  # noqa: E731
     pool = lambda: (ops.cuda_pool_blocks(q, gi), ops.cuda_pool_blocks(k, gi))  # noqa: E731
     qp, kp = pool()
-    rank = lambda: ops.cuda_select_pooled(qp, kp, topk, -1.0, width)  # noqa: E731
+    rank = lambda: ops.cuda_select_pooled(qp, kp, topk, cdf, width)  # noqa: E731
     for f in (whole, pool, rank):
         f()
     torch.cuda.synchronize()
