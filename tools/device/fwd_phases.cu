@@ -7,7 +7,9 @@
 //
 // Timing perturbs what it measures a little (clock64 reads and one extra add per phase); build
 // with -DBSA_NO_PHASES for the kernel time alone (median of 9 launches), e.g. to compare two
-// versions of the header (-I a copy of the old one) on the same card in one call.
+// versions of the header (-I a copy of the old one) on the same card in one call. Adding
+// -DBSA_FWD_LOAD_ONLY makes the consumers release every stage unread: the time of the loads
+// alone through the same rings (docs/PERF.md, session 11).
 #ifndef BSA_NO_PHASES
 #define BSA_FWD_PHASE_TIMING
 #endif

@@ -447,6 +447,21 @@ __global__ void __launch_bounds__(ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>:
       mbar_wait(ring.full_k(s1), ph1);
       mbar_wait(ring.full_v(s0), ph0);
       phases.mark(0);
+#ifdef BSA_FWD_LOAD_ONLY
+      // Debug-only (tools/device/fwd_phases.cu): stages released unread, so the kernel time is
+      // that of the loads alone through the same rings: the ceiling this design's K/V gathers set.
+      release(ring.empty_k(s1), lane);
+      release(ring.empty_v(s0), lane);
+      if (++s0 == kStagesV) {
+        s0 = 0;
+        ph0 ^= 1;
+      }
+      if (++s1 == kStagesK) {
+        s1 = 0;
+        ph1 ^= 1;
+      }
+      continue;
+#endif
       turn_begin();
       issue_scores<kDType, kHeadDim, kCapK, kQRowsPerRing>(s_acc, q_step, k_addr0 + s1 * Tr::kTileBytes);
       issue_pv<kDType, kHeadDim, kCapK>(o, pf, v_addr0 + s0 * Tr::kTileBytes);
