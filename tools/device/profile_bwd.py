@@ -3,7 +3,8 @@
     python tools/device/profile_bwd.py [T16-train] [--sm80]
     ncu --kernel-name regex:"^(dq_kernel|dkdv_kernel)$" python tools/device/profile_bwd.py --no-profile
 Runs select + forward once, then profiles five backward calls and prints the CUDA time per
-kernel (inverse index, delta, dq, dk/dv) averaged per call. ``--no-profile`` stops after two
+kernel (inverse index, delta, dq, dk/dv) averaged per call, then the whole op call and the
+autograd path timed by do_bench (a gap to the kernel total would be host time). ``--no-profile`` stops after two
 plain backward calls: a target for ncu, whose profiling and torch's cannot share CUPTI.
 """
 
