@@ -438,6 +438,16 @@ __global__ void __launch_bounds__(ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>:
     // advance by increments, not by n % kStages.
     int s0 = 0, s1 = 1 % kStagesK;
     uint32_t ph0 = 0, ph1 = kStagesK == 1 ? 1 : 0;
+    auto next_stages = [&]() {
+      if (++s0 == kStagesV) {
+        s0 = 0;
+        ph0 ^= 1;
+      }
+      if (++s1 == kStagesK) {
+        s1 = 0;
+        ph1 ^= 1;
+      }
+    };
     phases.mark(7);
     for (int n = 0; n + 1 < nvalid; ++n) {
       // Q's descriptors are rebuilt every step (a few integer ops) rather than kept: hoisted out
@@ -452,14 +462,7 @@ __global__ void __launch_bounds__(ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>:
       // that of the loads alone through the same rings: the ceiling this design's K/V gathers set.
       release(ring.empty_k(s1), lane);
       release(ring.empty_v(s0), lane);
-      if (++s0 == kStagesV) {
-        s0 = 0;
-        ph0 ^= 1;
-      }
-      if (++s1 == kStagesK) {
-        s1 = 0;
-        ph1 ^= 1;
-      }
+      next_stages();
       continue;
 #endif
       turn_begin();
@@ -493,14 +496,7 @@ __global__ void __launch_bounds__(ForwardTraits<kDType, kHeadDim, kCapQ, kCapK>:
       pack_p<kDType, kCapK>(pf, s_acc);
       phases.mark(5);
       phases.count();
-      if (++s0 == kStagesV) {
-        s0 = 0;
-        ph0 ^= 1;
-      }
-      if (++s1 == kStagesK) {
-        s1 = 0;
-        ph1 ^= 1;
-      }
+      next_stages();
     }
     // Last block: P V alone.
     mbar_wait(ring.full_v(s0), ph0);
