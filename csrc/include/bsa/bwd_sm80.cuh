@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   Element* sV = sK + 2 * kTile;          // [2][kCapK][kHeadDim]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kTile);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements (row_table_slot)
+  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
   int64_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
+  init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   float* sDelta = sLse + 2 * kCapQ;                         // [2][kCapQ]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sDelta + 2 * kCapQ);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* q_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements (row_table_slot)
+  int64_t* q_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
   int64_t* do_off = q_off + kCapQ;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int len = end - begin;
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapQ, kThreads>(q_off, do_off, q_rows, p.q_row_stride, p.dout_row_stride, tid);
+  init_row_offsets<Element, kHeadDim, kCapQ, kThreads>(q_off, do_off, q_rows, p.q_row_stride, p.dout_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);

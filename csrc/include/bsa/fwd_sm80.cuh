@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   Element* sV = sK + 2 * kCapK * kHeadDim;     // [2][kCapK][kHeadDim]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements (row_table_slot)
+  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
   int64_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
+  init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   Element* sV = sK + kCapK * kHeadDim;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in elements (row_table_slot)
+  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
   int64_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
+  init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
   __syncthreads();
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);

@@ -52,12 +52,14 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* base, in
 }
 
 // Copies an interior block (every row valid) whose first token is at `block_base`, with the
-// rows' element offsets from it precomputed (`row_off`, laid out by row_table_slot): per
-// 16-byte copy a quarter of a 16-byte shared load and one add, instead of the offset multiply
+// rows' byte offsets from it precomputed (`row_off`, laid out by row_table_slot): per 16-byte
+// copy a quarter of a 16-byte shared load and one 64-bit add, instead of the offset multiply
 // and its 64-bit sign extension, which ncu found among the sm80 forward's most-stalled
-// instructions. A thread copies one 16-byte column (c = tid % chunks) of rows r0, r0 + step,
-// ...: its source column is added once, and its row offsets sit side by side in the table,
-// so that they arrive four at a time rather than each after its own shared-load latency.
+// instructions. (Offsets in elements cost two more instructions a copy, the scaling to bytes:
+// 3.5% of the 64-key forward, docs/PERF.md session 12.) A thread copies one 16-byte column
+// (c = tid % chunks) of rows r0, r0 + step, ...: its source column is added once, and its row
+// offsets sit side by side in the table, so that they arrive four at a time rather than each
+// after its own shared-load latency.
 template <int kHeadDim, int kRows, int kThreads>
 __host__ __device__ constexpr int row_table_slot(int r) {
   constexpr int kRowStep = kThreads / (kHeadDim / 8);
@@ -76,7 +78,7 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
   int t = tid;
   asm volatile("" : "+r"(t));
   const int c = t % kChunks, r0 = t / kChunks;
-  const Element* src = block_base + c * 8;
+  const char* src = reinterpret_cast<const char*>(block_base + c * 8);
   const longlong2* offs = reinterpret_cast<const longlong2*>(row_off + r0 * kPerThread);  // 16-byte aligned
 #pragma unroll 2  // whole: spills at 255 registers
   for (int it = 0; it < kPerThread; it += 4) {
@@ -90,15 +92,15 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
   }
 }
 
-// Fills the row-offset tables (elements, by row_table_slot) of two tensors gathered with one
+// Fills the row-offset tables (bytes, by row_table_slot) of two tensors gathered with one
 // block geometry (K and V, or Q and dO), from that geometry's row table `rows` as
 // init_row_tables filled it: each thread reads back the rows it wrote itself (both loops give
 // row r to thread r % kThreads), so no barrier is needed in between.
-template <int kHeadDim, int kRows, int kThreads>
+template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void init_row_offsets(int64_t* a_off, int64_t* b_off, const RowCoord* rows,
                                                  int64_t a_stride, int64_t b_stride, int tid) {
   for (int r = tid; r < kRows; r += kThreads) {
-    const int64_t offset = rows[r].offset;
+    const int64_t offset = static_cast<int64_t>(rows[r].offset) * static_cast<int64_t>(sizeof(Element));
     const int slot = row_table_slot<kHeadDim, kRows, kThreads>(r);
     a_off[slot] = offset * a_stride;
     b_off[slot] = offset * b_stride;
