@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   Element* sV = sK + 2 * kTile;          // [2][kCapK][kHeadDim]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kTile);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
-  int64_t* v_off = k_off + kCapK;
+  uint32_t* k_off = reinterpret_cast<uint32_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
+  uint32_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c = lane & 3, warp_row = warp * 16;
@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
-  __syncthreads();
+  const bool table_ok = __syncthreads_and(
+      init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid));
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
   const Element* do_base = head_base<Element>(p.dout, p.dout_batch_stride, p.dout_head_stride, b, h);
@@ -131,8 +131,10 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   if (count > 0) {
-    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_off, k_rows, origin, live, tid);
-    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, v_off, k_rows, origin, live, tid);
+    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_off, table_ok, k_rows, origin,
+                                                        live, tid);
+    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, v_off, table_ok, k_rows, origin,
+                                                        live, tid);
   }
   cp_async_commit();
   int next_id = count > 1 ? ids[1] : 0;
@@ -155,9 +157,9 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
     const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
     if (n + 1 < count) {
       load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK + (stage ^ 1) * kTile, k_base, p.k_row_stride, k_off,
-                                                          k_rows, norigin, nlive, tid);
+                                                          table_ok, k_rows, norigin, nlive, tid);
       load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV + (stage ^ 1) * kTile, v_base, p.v_row_stride, v_off,
-                                                          k_rows, norigin, nlive, tid);
+                                                          table_ok, k_rows, norigin, nlive, tid);
       next_id = n + 2 < count ? ids[n + 2] : 0;
     }
     cp_async_commit();
@@ -225,8 +227,8 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   float* sDelta = sLse + 2 * kCapQ;                         // [2][kCapQ]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sDelta + 2 * kCapQ);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* q_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
-  int64_t* do_off = q_off + kCapQ;
+  uint32_t* q_off = reinterpret_cast<uint32_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
+  uint32_t* do_off = q_off + kCapQ;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int c = lane & 3, warp_row = warp * 16;
@@ -242,8 +244,8 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int len = end - begin;
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<Element, kHeadDim, kCapQ, kThreads>(q_off, do_off, q_rows, p.q_row_stride, p.dout_row_stride, tid);
-  __syncthreads();
+  const bool table_ok = __syncthreads_and(init_row_offsets<Element, kHeadDim, kCapQ, kThreads>(
+      q_off, do_off, q_rows, p.q_row_stride, p.dout_row_stride, tid));
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
   const Element* do_base = head_base<Element>(p.dout, p.dout_batch_stride, p.dout_head_stride, b, h);
@@ -257,10 +259,10 @@ __global__ void __launch_bounds__(DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   auto load_query_block = [&](int buf, int qb) {
     const bool live = qb >= 0 && qb < nq;
     const BlockOrigin o = block_origin(p.geom_q, live ? qb : 0);
-    load_block_tile<Element, kHeadDim, kCapQ, kThreads>(sQ + buf * kTile, q_base, p.q_row_stride, q_off, q_rows, o,
-                                                        live, tid);
-    load_block_tile<Element, kHeadDim, kCapQ, kThreads>(sdO + buf * kTile, do_base, p.dout_row_stride, do_off, q_rows,
-                                                        o, live, tid);
+    load_block_tile<Element, kHeadDim, kCapQ, kThreads>(sQ + buf * kTile, q_base, p.q_row_stride, q_off, table_ok,
+                                                        q_rows, o, live, tid);
+    load_block_tile<Element, kHeadDim, kCapQ, kThreads>(sdO + buf * kTile, do_base, p.dout_row_stride, do_off,
+                                                        table_ok, q_rows, o, live, tid);
     for (int r = tid; r < kCapQ; r += kThreads) {
       const RowCoord rc = q_rows[r];
       const bool ok = live && (o.full || row_inside(o, rc.packed));

@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   Element* sV = sK + 2 * kCapK * kHeadDim;     // [2][kCapK][kHeadDim]
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
-  int64_t* v_off = k_off + kCapK;
+  uint32_t* k_off = reinterpret_cast<uint32_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
+  uint32_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qb = blockIdx.x, bh = blockIdx.y;
@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
-  __syncthreads();
+  const bool table_ok = __syncthreads_and(
+      init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid));
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
   const Element* k_base = head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
@@ -81,8 +81,10 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
   if (count > 0) {
-    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_off, k_rows, origin, live, tid);
-    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, v_off, k_rows, origin, live, tid);
+    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK, k_base, p.k_row_stride, k_off, table_ok, k_rows, origin,
+                                                        live, tid);
+    load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV, v_base, p.v_row_stride, v_off, table_ok, k_rows, origin,
+                                                        live, tid);
   }
   cp_async_commit();
   int next_id = count > 1 ? ids[1] : 0;
@@ -109,10 +111,10 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
     if (n + 1 < count) {
       Element* dk = sK + (stage ^ 1) * kCapK * kHeadDim;
       Element* dv = sV + (stage ^ 1) * kCapK * kHeadDim;
-      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_off, k_rows, norigin, nlive,
-                                                          tid);
-      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, v_off, k_rows, norigin, nlive,
-                                                          tid);
+      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dk, k_base, p.k_row_stride, k_off, table_ok, k_rows,
+                                                          norigin, nlive, tid);
+      load_block_tile<Element, kHeadDim, kCapK, kThreads>(dv, v_base, p.v_row_stride, v_off, table_ok, k_rows,
+                                                          norigin, nlive, tid);
       // The id after next is fetched now so its latency hides behind this block's math.
       next_id = n + 2 < count ? ids[n + 2] : 0;
     }
@@ -282,8 +284,8 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   Element* sV = sK + kCapK * kHeadDim;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
-  int64_t* k_off = reinterpret_cast<int64_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
-  int64_t* v_off = k_off + kCapK;
+  uint32_t* k_off = reinterpret_cast<uint32_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
+  uint32_t* v_off = k_off + kCapK;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qb = blockIdx.x, bh = blockIdx.y;
@@ -295,8 +297,8 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   int count = clamped_count(p.counts, row_id, p.kmax);
 
   init_row_tables<kCapQ, kCapK, kThreads>(q_rows, k_rows, p.geom_q, p.geom_k, tid);
-  init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid);
-  __syncthreads();
+  const bool table_ok = __syncthreads_and(
+      init_row_offsets<Element, kHeadDim, kCapK, kThreads>(k_off, v_off, k_rows, p.k_row_stride, p.v_row_stride, tid));
 
   const Element* q_base = head_base<Element>(p.q, p.q_batch_stride, p.q_head_stride, b, h);
   const Element* k_base = head_base<Element>(p.k, p.k_batch_stride, p.k_head_stride, b, h);
@@ -308,9 +310,9 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   const int first = count > 0 ? ids[0] : 0;
   bool live = in_range(first, nk);
   BlockOrigin origin = block_origin(p.geom_k, live ? first : 0);
-  auto load_kv = [&](Element* dst, const Element* base, int64_t stride, const int64_t* off, const BlockOrigin& o,
+  auto load_kv = [&](Element* dst, const Element* base, int64_t stride, const uint32_t* off, const BlockOrigin& o,
                      bool ok) {
-    load_block_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, off, k_rows, o, ok, tid);
+    load_block_tile<Element, kHeadDim, kCapK, kThreads>(dst, base, stride, off, table_ok, k_rows, o, ok, tid);
   };
   if (count > 0) load_kv(sK, k_base, p.k_row_stride, k_off, origin, live);
   cp_async_commit();

@@ -52,14 +52,13 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* base, in
 }
 
 // Copies an interior block (every row valid) whose first token is at `block_base`, with the
-// rows' byte offsets from it precomputed (`row_off`, laid out by row_table_slot): per 16-byte
-// copy a quarter of a 16-byte shared load and one 64-bit add, instead of the offset multiply
-// and its 64-bit sign extension, which ncu found among the sm80 forward's most-stalled
-// instructions. (Offsets in elements cost two more instructions a copy, the scaling to bytes:
-// 3.5% of the 64-key forward, docs/PERF.md session 12.) A thread copies one 16-byte column
-// (c = tid % chunks) of rows r0, r0 + step, ...: its source column is added once, and its row
-// offsets sit side by side in the table, so that they arrive four at a time rather than each
-// after its own shared-load latency.
+// rows' byte offsets from it precomputed (`row_off`, 32-bit, laid out by row_table_slot). A
+// thread copies one 16-byte column (c = tid % chunks) of rows r0, r0 + step, ...: its source
+// column is added once, and its row offsets sit side by side in the table, so that all of them
+// arrive in a few 16-byte shared loads issued back to back, after which each copy is one
+// 64-bit add. (ncu, sm80 forward: with 64-bit offsets read four at a time, each batch's adds
+// waited on its shared load and the copy bursts took ~30% of the warps' time; offsets in
+// elements cost a scaling to bytes per copy on top. docs/PERF.md, session 12.)
 template <int kHeadDim, int kRows, int kThreads>
 __host__ __device__ constexpr int row_table_slot(int r) {
   constexpr int kRowStep = kThreads / (kHeadDim / 8);
@@ -67,7 +66,7 @@ __host__ __device__ constexpr int row_table_slot(int r) {
 }
 
 template <typename Element, int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void load_full_tile(Element* smem, const Element* block_base, const int64_t* row_off,
+__device__ __forceinline__ void load_full_tile(Element* smem, const Element* block_base, const uint32_t* row_off,
                                                int tid) {
   constexpr int kChunks = kHeadDim / 8;
   constexpr int kRowStep = kThreads / kChunks;
@@ -79,46 +78,54 @@ __device__ __forceinline__ void load_full_tile(Element* smem, const Element* blo
   asm volatile("" : "+r"(t));
   const int c = t % kChunks, r0 = t / kChunks;
   const char* src = reinterpret_cast<const char*>(block_base + c * 8);
-  const longlong2* offs = reinterpret_cast<const longlong2*>(row_off + r0 * kPerThread);  // 16-byte aligned
-#pragma unroll 2  // whole: spills at 255 registers
-  for (int it = 0; it < kPerThread; it += 4) {
-    const longlong2 a = offs[it / 2], b = offs[it / 2 + 1];
-    const int64_t off[4] = {a.x, a.y, b.x, b.y};
+  const uint4* offs = reinterpret_cast<const uint4*>(row_off + r0 * kPerThread);  // 16-byte aligned
+  uint32_t off[kPerThread];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = r0 + (it + j) * kRowStep;
-      cp_async_16(smem + swizzle<kHeadDim>(r, c * 8), src + off[j], 16);
-    }
+  for (int i = 0; i < kPerThread / 4; ++i) {
+    const uint4 v = offs[i];
+    off[4 * i] = v.x;
+    off[4 * i + 1] = v.y;
+    off[4 * i + 2] = v.z;
+    off[4 * i + 3] = v.w;
   }
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j)
+    cp_async_16(smem + swizzle<kHeadDim>(r0 + j * kRowStep, c * 8), src + off[j], 16);
 }
 
 // Fills the row-offset tables (bytes, by row_table_slot) of two tensors gathered with one
 // block geometry (K and V, or Q and dO), from that geometry's row table `rows` as
 // init_row_tables filled it: each thread reads back the rows it wrote itself (both loops give
-// row r to thread r % kThreads), so no barrier is needed in between.
+// row r to thread r % kThreads), so no barrier is needed in between. Returns false where one
+// of this thread's offsets does not fit in 32 bits (a block spanning 4 GiB of rows): the
+// kernels then AND it over the CTA and copy every block row by row.
 template <typename Element, int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void init_row_offsets(int64_t* a_off, int64_t* b_off, const RowCoord* rows,
+__device__ __forceinline__ bool init_row_offsets(uint32_t* a_off, uint32_t* b_off, const RowCoord* rows,
                                                  int64_t a_stride, int64_t b_stride, int tid) {
+  bool fits = true;
   for (int r = tid; r < kRows; r += kThreads) {
     const int64_t offset = static_cast<int64_t>(rows[r].offset) * static_cast<int64_t>(sizeof(Element));
+    const int64_t a = offset * a_stride, b = offset * b_stride;
+    fits = fits && a >= 0 && b >= 0 && a <= int64_t{0xffffffff} && b <= int64_t{0xffffffff};
     const int slot = row_table_slot<kHeadDim, kRows, kThreads>(r);
-    a_off[slot] = offset * a_stride;
-    b_off[slot] = offset * b_stride;
+    a_off[slot] = static_cast<uint32_t>(a);
+    b_off[slot] = static_cast<uint32_t>(b);
   }
+  return fits;
 }
 
 // A tile of block `o`: interior blocks through the offset table, edge blocks (and skipped ids)
 // row by row with zero fill.
 template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_block_tile(Element* smem, const Element* base, int64_t row_stride,
-                                             const int64_t* row_off, const RowCoord* rows, const BlockOrigin& o,
-                                             bool live, int tid) {
+                                             const uint32_t* row_off, bool table_ok, const RowCoord* rows,
+                                             const BlockOrigin& o, bool live, int tid) {
   // The table path needs a whole number of four-row batches per thread (not so for 64-row
   // tiles at head dim 64 over 256 threads: two rows each).
   constexpr int kChunks = kHeadDim / 8;
   constexpr bool kTable = kThreads % kChunks == 0 && (kRows / (kThreads / kChunks)) % 4 == 0;
   if constexpr (kTable) {
-    if (live && o.full) {
+    if (table_ok && live && o.full) {
       load_full_tile<Element, kHeadDim, kRows, kThreads>(smem, base + static_cast<int64_t>(o.token) * row_stride,
                                                          row_off, tid);
       return;
