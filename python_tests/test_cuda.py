@@ -16,6 +16,7 @@ from bsa_ext.layout import selection_width, topk_count
 
 from helpers import (
     CAP_CHUNKS, assert_close_rule, capture_cuda_graph, dense_attention, geom, make_qkv, odd_geoms, random_blocks,
+    rows_past_4gib,
 )
 
 pytestmark = [
@@ -92,6 +93,18 @@ def test_forward_strided_views_of_fused_qkv_and_custom_scale(dtype, cap):
     assert not q.is_contiguous() and q.stride(-1) == 1
     indices, counts = random_blocks(2, 3, gq.num_blocks, gk.num_blocks, 4, "cuda", min_count=1)
     _check_forward(q, k, v, indices, counts, gq, gk, 0.05)
+
+
+@both_families
+@pytest.mark.parametrize("cap", [64, 128])
+def test_forward_rows_more_than_4gib_apart(cap):
+    # Row offsets within a block past 32 bits: the sm80 kernels copy such blocks row by row.
+    made = rows_past_4gib(cap, torch.bfloat16)
+    if made is None:
+        pytest.skip("needs ~5.3 GB of free GPU memory")
+    q, k, v, g = made
+    one = torch.ones(1, 1, 1, dtype=torch.int32, device="cuda")
+    _check_forward(q, k, v, one[..., None] * 0, one, g, g, 128**-0.5)
 
 
 @both_families

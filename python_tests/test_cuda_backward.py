@@ -19,6 +19,7 @@ from bsa_ext.workloads import video_like_qkv
 
 from helpers import (
     assert_close_rule, capture_cuda_graph, geom, low_precision_attention, make_qkv, odd_geoms, random_blocks,
+    rows_past_4gib,
 )
 
 # Every test runs on both kernel families where the GPU has both (conftest's kernel_family).
@@ -64,6 +65,17 @@ def _check(q, k, v, indices, counts, gq, gk, sm_scale, dout=None):
             cold = cold[cold >= 0]
             assert torch.all(grads[1][b, h, cold] == 0) and torch.all(grads[2][b, h, cold] == 0)
     return grads
+
+
+@pytest.mark.parametrize("cap", [64, 128])
+def test_backward_rows_more_than_4gib_apart(cap):
+    # Row offsets within a block past 32 bits: the sm80 kernels copy such blocks row by row.
+    made = rows_past_4gib(cap, torch.bfloat16)
+    if made is None:
+        pytest.skip("needs ~5.3 GB of free GPU memory")
+    q, k, v, g = made
+    one = torch.ones(1, 1, 1, dtype=torch.int32, device="cuda")
+    _check(q, k, v, one[..., None] * 0, one, g, g, 128**-0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
