@@ -97,19 +97,20 @@ def capture_cuda_graph(fn):
 
 
 def rows_past_4gib(cap, dtype):
-    """q = k = v: one block of ``cap`` rows, head dim 128, whose rows lie so far apart (a row
-    stride of ~2^31 / cap elements) that a row's byte offset from the block's first row passes
-    2^32 (the sm80 kernels' 32-bit row-offset tables must step aside). The 4.3 GB buffer is
-    written only at the rows the view covers. Returns (q, k, v, geometry), or None where the
-    GPU has no room."""
+    """q, k, v side by side in one buffer (like a fused projection): one block of ``cap`` rows,
+    head dim 128, whose rows lie so far apart (a row stride of ~2^31 / cap elements) that a
+    row's byte offset from the block's first row passes 2^32 (the sm80 kernels' 32-bit
+    row-offset tables must step aside). The 4.3 GB buffer is written only at the rows the views
+    cover. Returns (q, k, v, geometry), or None where the GPU has no room."""
     g = geom(CAP_CHUNKS[cap], CAP_CHUNKS[cap])
     esize = torch.empty((), dtype=dtype).element_size()
     stride = -(-(2**32 // esize // (cap - 1) + 1) // 8) * 8  # a multiple of 8 elements (16-byte rows)
     assert (cap - 1) * stride * esize >= 2**32
-    numel = (cap - 1) * stride + 128
+    numel = (cap - 1) * stride + 3 * 128
     if torch.cuda.mem_get_info()[0] < numel * esize + (1 << 30):
         return None
     buf = torch.empty(numel, dtype=dtype, device="cuda")
-    x = buf.as_strided((1, 1, cap, 128), (numel, numel, stride, 1))
-    x.copy_(torch.randn(1, 1, cap, 128, device="cuda").to(dtype))
-    return x, x, x, g
+    views = [buf.as_strided((1, 1, cap, 128), (numel, numel, stride, 1), 128 * i) for i in range(3)]
+    for x in views:
+        x.copy_(torch.randn(1, 1, cap, 128, device="cuda").to(dtype))
+    return (*views, g)
