@@ -93,7 +93,8 @@ constexpr int kInvertMaxQueryBlocks = 48 * 1024;
 
 // Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V;
 // dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows; each also tables the
-// element offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv).
+// byte offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv: 32-bit since
+// 66e4ab3, 8 bytes a row still reserved).
 constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k) {
   return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
 }
@@ -103,7 +104,7 @@ constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
 
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
 // K/V (128-key chunks), or 32 rows per warp with single K and V buffers (64-key chunks); both
-// with tables of the K and V rows' element offsets.
+// with tables of the K and V rows' byte offsets (32-bit, 8 bytes a row reserved).
 constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
   return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
 }
