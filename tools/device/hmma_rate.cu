@@ -16,49 +16,51 @@
 #include "bsa/ptx.cuh"
 #include "cuda_check.h"
 
+// A warp's products: fixed operands in registers (from `seed`), kChains accumulators.
 template <int kChains>
-__global__ void hmma_loop(float* out, int iters, uint32_t seed) {
+struct Chains {
   uint32_t a[4], b[2];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) a[i] = seed * (threadIdx.x + i);
-  b[0] = seed ^ threadIdx.x;
-  b[1] = seed + threadIdx.x;
   float acc[kChains][4] = {};
-  for (int it = 0; it < iters; ++it) {
+  __device__ explicit Chains(uint32_t seed) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = seed * (threadIdx.x + i);
+    b[0] = seed ^ threadIdx.x;
+    b[1] = seed + threadIdx.x;
+  }
+  __device__ void round() {  // one product per chain
 #pragma unroll
     for (int c = 0; c < kChains; ++c) bsa::mma_16816<bsa::DType::kBFloat16>(acc[c], a, b[0], b[1]);
   }
-  float s = 0.f;
+  __device__ void keep(float extra, float* out) const {  // keeps the products alive
+    float s = extra;
 #pragma unroll
-  for (int c = 0; c < kChains; ++c) s += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
-  if (s == 1.2345f) out[threadIdx.x] = s;  // keeps the products alive
+    for (int c = 0; c < kChains; ++c) s += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
+    if (s == 1.2345f) out[threadIdx.x] = s;
+  }
+};
+
+template <int kChains>
+__global__ void hmma_loop(float* out, int iters, uint32_t seed) {
+  Chains<kChains> ch(seed);
+  for (int it = 0; it < iters; ++it) ch.round();
+  ch.keep(0.f, out);
 }
 
 // The same, with every round of 8 x kChains products followed by a phase of `scalar` dependent
 // FMAs in 4 chains (a stand-in for the softmax between a kernel's two products).
 template <int kChains>
 __global__ void hmma_phases(float* out, int iters, int scalar, uint32_t seed) {
-  uint32_t a[4], b[2];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) a[i] = seed * (threadIdx.x + i);
-  b[0] = seed ^ threadIdx.x;
-  b[1] = seed + threadIdx.x;
-  float acc[kChains][4] = {};
+  Chains<kChains> ch(seed);
   float x[4] = {1.f, 2.f, 3.f, 4.f};
   for (int it = 0; it < iters; ++it) {
 #pragma unroll
-    for (int r = 0; r < 8; ++r)
-#pragma unroll
-      for (int c = 0; c < kChains; ++c) bsa::mma_16816<bsa::DType::kBFloat16>(acc[c], a, b[0], b[1]);
+    for (int r = 0; r < 8; ++r) ch.round();
     for (int j = 0; j < scalar / 4; ++j) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) x[i] = fmaf(x[i], 0.999f, acc[i][0] * 1e-9f);
+      for (int i = 0; i < 4; ++i) x[i] = fmaf(x[i], 0.999f, ch.acc[i][0] * 1e-9f);
     }
   }
-  float s = x[0] + x[1] + x[2] + x[3];
-#pragma unroll
-  for (int c = 0; c < kChains; ++c) s += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
-  if (s == 1.2345f) out[threadIdx.x] = s;
+  ch.keep(x[0] + x[1] + x[2] + x[3], out);
 }
 
 // Milliseconds of `reps` back-to-back launches of `launch` (after one warm-up launch).
