@@ -93,23 +93,24 @@ constexpr int kInvertMaxQueryBlocks = 48 * 1024;
 
 // Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V;
 // dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows; each also tables the
-// byte offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv: 32-bit since
-// 66e4ab3, 8 bytes a row still reserved).
+// byte offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv: two 32-bit
+// tables, 8 bytes a row), after the 8-byte row coordinates of both blocks.
 constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k) {
-  return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
+  return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
 constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
-  return 2 * (2 * cap_k * head_dim + 4 * cap_q * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_q + 16 * cap_q;
+  return 2 * (2 * cap_k * head_dim + 4 * cap_q * head_dim) + 16 * cap_q + 8 * (cap_q + cap_k) + 8 * cap_q;
 }
 
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
 // K/V (128-key chunks), or 32 rows per warp with single K and V buffers (64-key chunks); both
-// with tables of the K and V rows' byte offsets (32-bit, 8 bytes a row reserved).
+// with the row coordinates of both blocks (8 bytes a row) and tables of the K and V rows' byte
+// offsets (two 32-bit tables, 8 bytes a key row).
 constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
-  return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
+  return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
 constexpr int forward_smem_bytes_wide(int head_dim, int cap_q, int cap_k) {
-  return 2 * (cap_q * head_dim + 2 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 16 * cap_k;
+  return 2 * (cap_q * head_dim + 2 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
 constexpr int forward_smem_bytes(int head_dim, int cap_q, int cap_k) {
   return cap_k == 64 ? forward_smem_bytes_wide(head_dim, cap_q, cap_k)
