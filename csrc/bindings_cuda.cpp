@@ -91,7 +91,7 @@ AttentionShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v
     STD_TORCH_CHECK(x.first->size(0) == r.B && x.first->size(1) == r.H && x.first->size(3) == r.D, x.second,
                     ": batch/heads/head_dim differ from q's");
   }
-  STD_TORCH_CHECK(r.B * r.H < 65536, "batch*heads must be < 65536");
+  STD_TORCH_CHECK(r.B * r.H < 65536, "batch*heads: expected < 65536, got ", r.B * r.H);
   return r;
 }
 
@@ -114,6 +114,18 @@ bool try_sm90(int device) {
     return false;
   }
   return major == 9;
+}
+
+// K/V buffers of the sm80 64-key forward: env BSA_SM80_KV_BUFFERS = 1 or 2 (read at every call,
+// so tests can run both variants on one GPU); unset or empty lets run_forward choose by the
+// device's shared memory per SM (0).
+int sm80_kv_buffers() {
+  const char* env = std::getenv("BSA_SM80_KV_BUFFERS");
+  if (env == nullptr || env[0] == '\0') return 0;
+  const std::string value(env);
+  STD_TORCH_CHECK(value == "1" || value == "2", "BSA_SM80_KV_BUFFERS: expected 1 or 2 (or unset), got '", value,
+                  "'");
+  return value == "1" ? 1 : 2;
 }
 
 Tensor int_block_tensor(const Tensor& x, const char* name, std::vector<int64_t> shape, int device) {
@@ -156,6 +168,7 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   p.geom_q = gq, p.geom_k = gk;
   p.sm_scale = float(sm_scale);
   p.scale_log2 = float(sm_scale * 1.4426950408889634);
+  p.kv_buffers = sm80_kv_buffers();
   if (B * H * sq == 0) return {out, lse};
 
   const cudaStream_t stream = current_stream(device);
@@ -173,7 +186,9 @@ std::tuple<Tensor, Tensor> cuda_forward(Tensor q, Tensor k, Tensor v, Tensor ind
   STD_TORCH_CHECK(found, "bsa cuda_forward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),
                   ", k=", gk.capacity(), "; compiled: ", bsa::kCompiledForward);
   STD_TORCH_CHECK(err == cudaSuccess, "bsa cuda_forward: launch failed: ", cudaGetErrorString(err),
-                  " (needs ", bsa::forward_smem_bytes(int(D), gq.capacity(), gk.capacity()), " bytes of shared memory)");
+                  " (the sm80-family kernel for these capacities takes up to ",
+                  bsa::forward_smem_bytes(int(D), gq.capacity(), gk.capacity(), p.kv_buffers == 1 ? 1 : 2),
+                  " bytes of shared memory a CTA)");
   return {out, lse};
 }
 
@@ -276,7 +291,7 @@ Tensor score_workspace(const Tensor& like, int64_t B, int64_t H, int64_t nq, int
 
 // The selection limits both entry points share (the choosers' shared memory and 16-bit counts).
 void check_select_sizes(int64_t B, int64_t H, int64_t nk, int64_t topk, int64_t width) {
-  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads: expected < 65536, got ", B * H);
   STD_TORCH_CHECK(width >= 0 && width <= nk, "width must be in [0, Nk], got ", width);
   STD_TORCH_CHECK(topk >= 0 && topk <= nk, "topk must be in [0, Nk], got ", topk);
   STD_TORCH_CHECK(nk < 65536 && nk * 4 <= 200 * 1024, "Nk = ", nk, " key blocks exceed the selection kernel's shared memory");
@@ -380,7 +395,7 @@ Tensor cuda_pool_blocks(Tensor x, std::vector<int64_t> geom) {
   const bsa::DType dt = to_dtype(x, "x");
   STD_TORCH_CHECK(g.capacity() <= 256, "geom: chunk capacity must be <= 256 for pooling");
   const int64_t B = x.size(0), H = x.size(1), D = x.size(3), n = g.num_blocks();
-  STD_TORCH_CHECK(B * H < 65536, "batch*heads must be < 65536");
+  STD_TORCH_CHECK(B * H < 65536, "batch*heads: expected < 65536, got ", B * H);
   torch::stable::accelerator::DeviceGuard guard(device);
   Tensor pooled = torch::stable::new_empty(x, {B, H, n, D}, ScalarType::Float);
   bsa::SelectParams p{};

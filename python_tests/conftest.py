@@ -31,15 +31,35 @@ def _fresh_seed(request):
     torch.manual_seed((base ^ int(os.environ.get("BSA_TEST_SEED", "0"))) % (2**31))
 
 
-@pytest.fixture(params=["sm90", "sm80"])
-def kernel_family(request, monkeypatch):
-    """Runs a CUDA test on both kernel families where the GPU has both (the binding reads
-    BSA_DISABLE_SM90 at each call); on other GPUs only the sm80 family exists. Opt in with
-    ``pytest.mark.usefixtures("kernel_family")``."""
-    if request.param == "sm90":
+def _use_family(family, monkeypatch):
+    if family == "sm90":
         if torch.cuda.get_device_capability()[0] != 9:
             pytest.skip("the sm90 family needs an sm_90 GPU")
         monkeypatch.delenv("BSA_DISABLE_SM90", raising=False)
     else:
         monkeypatch.setenv("BSA_DISABLE_SM90", "1")
+    # The sm80 64-key forward has a one-buffer and a two-buffer K/V variant (the binding reads
+    # BSA_SM80_KV_BUFFERS at each call; unset, the device's shared memory picks one).
+    if family == "sm80-1buf":
+        monkeypatch.setenv("BSA_SM80_KV_BUFFERS", "1")
+    elif family == "sm80":
+        monkeypatch.setenv("BSA_SM80_KV_BUFFERS", "2")
+    else:
+        monkeypatch.delenv("BSA_SM80_KV_BUFFERS", raising=False)
+
+
+@pytest.fixture(params=["sm90", "sm80"])
+def kernel_family(request, monkeypatch):
+    """Runs a CUDA test on both kernel families where the GPU has both (the binding reads
+    BSA_DISABLE_SM90 at each call); on other GPUs only the sm80 family exists. Opt in with
+    ``pytest.mark.usefixtures("kernel_family")``."""
+    _use_family(request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture(params=["sm90", "sm80", "sm80-1buf"])
+def forward_family(request, monkeypatch):
+    """``kernel_family`` plus the sm80 forward's one-buffer K/V variant, which a GPU with an
+    H100's shared memory would not pick by itself."""
+    _use_family(request.param, monkeypatch)
     return request.param

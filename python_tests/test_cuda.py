@@ -27,8 +27,9 @@ pytestmark = [
     ),
 ]
 
-# Forward tests run on both kernel families where the GPU has both (conftest's kernel_family).
-both_families = pytest.mark.usefixtures("kernel_family")
+# Forward tests run on both kernel families where the GPU has both, and on both K/V buffer
+# variants of the sm80 64-key forward (conftest's forward_family).
+both_families = pytest.mark.usefixtures("forward_family")
 
 
 def _poison(*shapes_dtypes):
@@ -152,6 +153,33 @@ def test_forward_garbage_ids_are_skipped(cap_q, cap_k):
     pt = dense_attention(q, k, v, reference.dense_block_mask(indices, clamped, gq, gk), 0.125, upcast=False)
     assert_close_rule(out, ref_out, pt)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+@pytest.mark.parametrize("cap_q", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_kv_buffer_variants_agree_bitwise(cap_q, dtype, monkeypatch):
+    # One and two K/V buffers change only when tiles land, not the arithmetic: same bits.
+    monkeypatch.setenv("BSA_DISABLE_SM90", "1")
+    gq, gk = odd_geoms(cap_q, 64)
+    q, k, v = make_qkv(2, 2, gq.seq_len, gk.seq_len, 128, dtype, "cuda", scale=4.0)
+    indices, counts = random_blocks(2, 2, gq.num_blocks, gk.num_blocks, min(9, gk.num_blocks), "cuda")
+    results = []
+    for buffers in ("1", "2"):
+        monkeypatch.setenv("BSA_SM80_KV_BUFFERS", buffers)
+        results.append(cuda_forward(q, k, v, indices, counts, gq, gk, 0.1))
+    (out1, lse1), (out2, lse2) = results
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+@pytest.mark.parametrize("value", ["3", "one", "0"])
+def test_forward_rejects_bad_kv_buffers_env(value, monkeypatch):
+    monkeypatch.setenv("BSA_DISABLE_SM90", "1")
+    monkeypatch.setenv("BSA_SM80_KV_BUFFERS", value)
+    gq, gk = odd_geoms(64, 64)
+    q, k, v = make_qkv(1, 1, gq.seq_len, gk.seq_len, 64, torch.bfloat16, "cuda")
+    indices, counts = random_blocks(1, 1, gq.num_blocks, gk.num_blocks, 2, "cuda")
+    with pytest.raises(RuntimeError, match=f"BSA_SM80_KV_BUFFERS: expected 1 or 2 \\(or unset\\), got '{value}'"):
+        cuda_forward(q, k, v, indices, counts, gq, gk, 0.125)
 
 
 @both_families

@@ -21,6 +21,9 @@ cudaError_t run_pool(const SelectParams& params, cudaStream_t stream);
 template <int kHeadDim>
 cudaError_t run_rank(const SelectParams& params, cudaStream_t stream);
 
+// Shared memory the system reserves for every resident CTA (sm_80 and newer), on top of its own.
+constexpr int kReservedSmemPerCta = 1024;
+
 // Top-k selection without the score matrix in global memory (select.cuh, topk_fused_kernel):
 // a CTA scores 16 query blocks against every key block and keeps the scores in shared memory
 // as order keys (16 x Nk rounded up to 4), then chooses with each row's keys in registers (at
@@ -41,7 +44,7 @@ constexpr int select_fused_smem_bytes(int head_dim, int nk) {
 // the configuration measured faster than the score matrix in global memory (one CTA per SM was
 // slower on H100). cdf modes never do: their choosers need the whole row's masses.
 constexpr bool select_fused_applies(int head_dim, int nk, bool cdf, int smem_per_sm) {
-  return !cdf && nk <= kSelectFusedMaxKeys && 2 * (select_fused_smem_bytes(head_dim, nk) + 1024) <= smem_per_sm;
+  return !cdf && nk <= kSelectFusedMaxKeys && 2 * (select_fused_smem_bytes(head_dim, nk) + kReservedSmemPerCta) <= smem_per_sm;
 }
 // run_select's one launch for pooling and top-k ranking (select.cuh, topk_pooled_kernel): each
 // thread streams rows through kSelectPoolDepth private 16-byte cp.async slots (256 threads), and
@@ -57,7 +60,7 @@ constexpr int select_pooled_smem_bytes(int head_dim, int nk, int cap_q, int cap_
 constexpr bool select_pooled_applies(int head_dim, int nk, int cap_q, int cap_k, bool cdf, int smem_per_sm) {
   return select_fused_applies(head_dim, nk, cdf, smem_per_sm) && cap_q % kSelectPoolBatch == 0 &&
          cap_k % kSelectPoolBatch == 0 &&
-         2 * (select_pooled_smem_bytes(head_dim, nk, cap_q, cap_k) + 1024) <= smem_per_sm;
+         2 * (select_pooled_smem_bytes(head_dim, nk, cap_q, cap_k) + kReservedSmemPerCta) <= smem_per_sm;
 }
 // An attribute of the current device (0 if it cannot be read).
 inline int current_device_attribute(cudaDeviceAttr attr) {
@@ -103,17 +106,33 @@ constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
 }
 
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
-// K/V (128-key chunks), or 32 rows per warp with single K and V buffers (64-key chunks); both
-// with the row coordinates of both blocks (8 bytes a row) and tables of the K and V rows' byte
+// K/V (128-key chunks), or 32 rows per warp with one K and one V buffer, or one buffer they
+// take in turn (64-key chunks, `kv_buffers` 2 or 1); all with the row coordinates of both blocks (8 bytes a row) and tables of the K and V rows' byte
 // offsets (two 32-bit tables, 8 bytes a key row).
 constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
   return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
-constexpr int forward_smem_bytes_wide(int head_dim, int cap_q, int cap_k) {
-  return 2 * (cap_q * head_dim + 2 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
+constexpr int forward_smem_bytes_wide(int head_dim, int cap_q, int cap_k, int kv_buffers = 2) {
+  return 2 * (cap_q * head_dim + kv_buffers * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
-constexpr int forward_smem_bytes(int head_dim, int cap_q, int cap_k) {
-  return cap_k == 64 ? forward_smem_bytes_wide(head_dim, cap_q, cap_k)
+// The 64-key variant's K/V buffers on a device with `smem_per_sm` bytes of shared memory per SM:
+// one buffer (K and V of a block take turns in it) where that fits more of its `max_ctas` CTAs on
+// an SM than two buffers do. On an H100 (228 KB) four two-buffer CTAs of 64 query rows fit and
+// two buffers run ~5% faster; with an A100's 164 KB only three fit, and four one-buffer CTAs ran
+// 9% faster than three two-buffer ones (an H100 with its carveout set to 164 KB: docs/PERF.md).
+constexpr int wide_forward_kv_buffers(int head_dim, int cap_q, int cap_k, int max_ctas, int smem_per_sm) {
+  const auto ctas = [&](int buffers) {
+    const int fit = smem_per_sm / (forward_smem_bytes_wide(head_dim, cap_q, cap_k, buffers) + kReservedSmemPerCta);
+    return fit < max_ctas ? fit : max_ctas;
+  };
+  return ctas(1) > ctas(2) ? 1 : 2;
+}
+static_assert(wide_forward_kv_buffers(128, 64, 64, 4, 228 * 1024) == 2, "H100: four two-buffer CTAs fit");
+static_assert(wide_forward_kv_buffers(128, 64, 64, 4, 164 * 1024) == 1, "A100: three two-buffer CTAs, four one-buffer");
+static_assert(wide_forward_kv_buffers(128, 128, 64, 2, 164 * 1024) == 2, "A100, 128-row blocks: two CTAs either way");
+static_assert(wide_forward_kv_buffers(128, 64, 64, 4, 100 * 1024) == 1, "100 KB (sm_86/89): one CTA against two");
+constexpr int forward_smem_bytes(int head_dim, int cap_q, int cap_k, int kv_buffers = 2) {
+  return cap_k == 64 ? forward_smem_bytes_wide(head_dim, cap_q, cap_k, kv_buffers)
                      : forward_smem_bytes_narrow(head_dim, cap_q, cap_k);
 }
 

@@ -7,7 +7,8 @@
 // Two kernels (run_forward picks by key capacity):
 // * forward_kernel (128-key chunks): one warp per 16 query rows, Q in registers, K/V
 //   double buffered so block n+1 streams in while block n is computed;
-// * forward_wide_kernel (64-key chunks): one warp per 32 query rows, see its comment.
+// * forward_wide_kernel (64-key chunks): one warp per 32 query rows, one or two K/V
+//   buffers, see its comment.
 //
 // Shared memory tiles and their loaders: bsa/tile_sm80.cuh.
 #pragma once
@@ -251,19 +252,22 @@ __global__ void __launch_bounds__(Kernel<kDType, kHeadDim, kCapQ, kCapK>::kThrea
 
 // Variant for 64-row key chunks: 32 query rows per warp (two m16 tiles share every K/V
 // fragment, halving ldmatrix traffic and doubling independent mma chains), Q read from
-// smem, single K and V buffers pipelined FlashAttention-2 style (V_n streams in during
-// Q K_n^T, K_{n+1} during softmax and P V_n). 48 KB of smem for 64x64 tiles: 4 CTAs/SM.
+// smem. With kKvBuffers = 2, single K and V buffers pipelined FlashAttention-2 style (V_n
+// streams in during Q K_n^T, K_{n+1} during softmax and P V_n): 48 KB of smem for 64x64
+// tiles, 4 CTAs an SM on an H100 but 3 on an A100. With kKvBuffers = 1, K_n and V_n take
+// turns in one buffer (V_n streams in during the softmax, K_{n+1} only after P V_n): 32 KB,
+// 4 CTAs in an A100's 164 KB, where the other CTAs of the SM hide the exposed K loads.
+// run_forward picks by the device's shared memory (wide_forward_kv_buffers).
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 struct WideKernel {
   using Element = typename ElementOf<kDType>::type;
   static constexpr int kWarps = kCapQ / 32;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kSmem = forward_smem_bytes_wide(kHeadDim, kCapQ, kCapK);
   static constexpr int kMinBlocks = kCapQ == 64 ? 4 : 2;
   static_assert(kCapK == 64, "the wide variant holds one 64-key S tile per m-tile");
 };
 
-template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK, int kKvBuffers>
 __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kThreads,
                                   WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kMinBlocks)
     forward_wide_kernel(const ForwardParams p) {
@@ -272,6 +276,8 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
 #else
   using K = WideKernel<kDType, kHeadDim, kCapQ, kCapK>;
   using Element = typename K::Element;
+  static_assert(kKvBuffers == 1 || kKvBuffers == 2, "K/V tiles take one buffer in turn, or one each");
+  constexpr bool kOneBuf = kKvBuffers == 1;
   constexpr int kThreads = K::kThreads;
   constexpr int kNT = kCapK / 8;
   constexpr int kDT = kHeadDim / 8;
@@ -281,7 +287,7 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
   Element* sK = sQ + kCapQ * kHeadDim;
-  Element* sV = sK + kCapK * kHeadDim;
+  Element* sV = kOneBuf ? sK : sK + kCapK * kHeadDim;
   RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kCapK * kHeadDim);
   RowCoord* k_rows = q_rows + kCapQ;
   uint32_t* k_off = reinterpret_cast<uint32_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
@@ -332,8 +338,10 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
   for (int n = 0; n < count; ++n) {
     cp_async_wait<0>();  // K_n (and Q) landed
     __syncthreads();     // ... for every thread; every warp is also done with V_{n-1}
-    load_kv(sV, v_base, p.v_row_stride, v_off, origin, live);
-    cp_async_commit();
+    if constexpr (!kOneBuf) {
+      load_kv(sV, v_base, p.v_row_stride, v_off, origin, live);
+      cp_async_commit();
+    }
 
     float acc_s[2][kNT][4];
 #pragma unroll
@@ -359,6 +367,11 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
       }
     }
 
+    if constexpr (kOneBuf) {
+      __syncthreads();  // every warp is done reading K_n: V_n may take its buffer
+      load_kv(sV, v_base, p.v_row_stride, v_off, origin, live);
+      cp_async_commit();
+    }
     if (!(live && origin.full)) {
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
@@ -422,14 +435,18 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
 
     cp_async_wait<0>();  // V_n landed
     __syncthreads();     // ... for every thread; every warp is also done reading K_n
-    const int nid = next_id;
-    const bool nlive = in_range(nid, nk);
-    const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
-    if (n + 1 < count) {
-      load_kv(sK, k_base, p.k_row_stride, k_off, norigin, nlive);
-      next_id = n + 2 < count ? ids[n + 2] : 0;
-    }
-    cp_async_commit();
+    // Block n+1 becomes the current one (P V_n below needs neither `live` nor `origin`), and its
+    // K tile is requested: here with two buffers, after P V_n (which reads the one) with one.
+    const auto request_next_k = [&]() {
+      live = in_range(next_id, nk);
+      origin = block_origin(p.geom_k, live ? next_id : 0);
+      if (n + 1 < count) {
+        load_kv(sK, k_base, p.k_row_stride, k_off, origin, live);
+        next_id = n + 2 < count ? ids[n + 2] : 0;
+      }
+      cp_async_commit();
+    };
+    if constexpr (!kOneBuf) request_next_k();
 
 #pragma unroll
     for (int kk = 0; kk < kKP; ++kk) {
@@ -453,8 +470,10 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
         }
       }
     }
-    live = nlive;
-    origin = norigin;
+    if constexpr (kOneBuf) {
+      __syncthreads();  // every warp is done reading V_n: K_{n+1} may take its buffer
+      request_next_k();
+    }
   }
 
   // Epilogue: normalise, stage O through this warp's own Q rows, store THW rows.
@@ -506,7 +525,8 @@ __global__ void __launch_bounds__(WideKernel<kDType, kHeadDim, kCapQ, kCapK>::kT
 }  // namespace fwd
 
 // Key chunks of 64 rows take the wide variant; 128-row key chunks the 16-rows-per-warp one
-// (two 32x128 S tiles would not fit in registers). Keep in step with forward_smem_bytes.
+// (two 32x128 S tiles would not fit in registers). Keep in step with forward_smem_bytes (api.h),
+// whose 64-key case is forward_smem_bytes_wide with the buffers run_forward picks.
 template <int kCapK>
 constexpr bool kUseWideForward = kCapK == 64;
 
@@ -515,11 +535,16 @@ cudaError_t run_forward(const ForwardParams& params, cudaStream_t stream) {
   const dim3 grid(params.geom_q.num_blocks(), params.batch * params.heads);
   if constexpr (kUseWideForward<kCapK>) {
     using K = fwd::WideKernel<kDType, kHeadDim, kCapQ, kCapK>;
-    auto kernel = fwd::forward_wide_kernel<kDType, kHeadDim, kCapQ, kCapK>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmem);
+    const int buffers = params.kv_buffers != 0 ? params.kv_buffers
+                                               : wide_forward_kv_buffers(kHeadDim, kCapQ, kCapK, K::kMinBlocks,
+                                                                         current_device_smem_per_sm());
+    auto kernel = buffers == 1 ? fwd::forward_wide_kernel<kDType, kHeadDim, kCapQ, kCapK, 1>
+                               : fwd::forward_wide_kernel<kDType, kHeadDim, kCapQ, kCapK, 2>;
+    const int smem = forward_smem_bytes_wide(kHeadDim, kCapQ, kCapK, buffers);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-    kernel<<<grid, K::kThreads, K::kSmem, stream>>>(params);
+    kernel<<<grid, K::kThreads, smem, stream>>>(params);
   } else {
     using K = fwd::Kernel<kDType, kHeadDim, kCapQ, kCapK>;
     auto kernel = fwd::forward_kernel<kDType, kHeadDim, kCapQ, kCapK>;

@@ -108,6 +108,10 @@ struct ForwardParams {
   Geometry geom_q, geom_k;
   float sm_scale;
   float scale_log2;  // sm_scale * log2(e): softmax runs on exp2
+  // K/V tile buffers of the sm80 64-key forward (forward_wide_kernel): 2 (a block's V and the next
+  // block's K land behind products) or 1 (smaller CTAs, for SMs with less shared memory); 0 lets
+  // run_forward choose by the device's shared memory per SM (wide_forward_kv_buffers in api.h).
+  int kv_buffers;
 };
 
 // Launch order of the query blocks (bsa/schedule.cuh): per row, ids by descending count.
