@@ -16,21 +16,21 @@ SUPPORTED_DTYPES = tuple(sorted({d for c in CAPABILITIES.values() for d in c.dty
 from .layout import ChunkGeometry, as_shape3
 
 
-def _shape3(name: str, value) -> tuple:
+def _shape3(name: str, value, axes: str) -> tuple:
     try:
         if any(not isinstance(x, numbers.Integral) or isinstance(x, bool) for x in value):
             raise TypeError
         shape = as_shape3(value)
     except TypeError:
-        raise ValueError(f"{name}: expected three positive integers (T, H, W), got {value!r}") from None
+        raise ValueError(f"{name}: expected three positive integers {axes}, got {value!r}") from None
     if len(shape) != 3 or any(x <= 0 for x in shape):
         raise ValueError(f"{name}: expected three positive integers, got {tuple(value)!r}")
     return shape
 
 
 def geometry(latent_name: str, latent, chunk_name: str, chunk, seq_len: int, seq_name: str) -> ChunkGeometry:
-    lat = _shape3(latent_name, latent)
-    ch = _shape3(chunk_name, chunk)
+    lat = _shape3(latent_name, latent, "(T, H, W)")
+    ch = _shape3(chunk_name, chunk, "(t, h, w)")
     if math.prod(lat) != seq_len:
         raise ValueError(
             f"{latent_name}: product {lat[0]}*{lat[1]}*{lat[2]} = {math.prod(lat)} must equal the sequence "
@@ -132,11 +132,20 @@ def check_block_values(indices, counts, num_key_blocks: int) -> None:
     live = torch.arange(kmax, device=indices.device) < counts[..., None]
     bad = live & ((indices < 0) | (indices >= num_key_blocks))
     if bool(bad.any()):
-        raise ValueError(f"indices: expected block ids in [0, {num_key_blocks}) within counts, found {int(bad.sum())} outside")
+        b, h, i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"indices: expected block ids in [0, {num_key_blocks}) within counts, found {int(bad.sum())} outside, "
+            f"the first indices[{b}, {h}, {i}, {j}] = {int(indices[b, h, i, j])}"
+        )
     ids = torch.where(live, indices.long(), torch.full_like(indices, -1, dtype=torch.long) - torch.arange(kmax, device=indices.device))
     srt = ids.sort(-1).values
-    if bool((srt[..., 1:] == srt[..., :-1]).any()):
-        raise ValueError("indices: expected distinct block ids within counts of each query block, found duplicates")
+    dup = srt[..., 1:] == srt[..., :-1]
+    if bool(dup.any()):
+        b, h, i, j = (int(x) for x in dup.nonzero()[0])
+        raise ValueError(
+            f"indices: expected distinct block ids within counts of each query block, found duplicates, "
+            f"the first: block {int(srt[b, h, i, j])} twice in indices[{b}, {h}, {i}, :]"
+        )
 
 
 def sm_scale(value: Optional[float], head_dim: int) -> float:

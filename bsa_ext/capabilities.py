@@ -29,6 +29,11 @@ class Capability:
     min_compute_capability: Optional[Tuple[int, int]] = None
     max_key_blocks: Optional[int] = None
     max_query_blocks: Optional[int] = None
+    # CUDA kernels copy 16-byte pieces of rows (cp.async, TMA): every row and base pointer of
+    # q, k, v (and out, dout) must be that aligned.
+    row_alignment_bytes: Optional[int] = None
+    # CUDA kernels put batch * heads on the grid's y dimension.
+    max_batch_heads: Optional[int] = None
 
 
 # Chunk capacities the public API accepts (SPEC §1). The reference could take any, but
@@ -38,15 +43,17 @@ KERNEL_CAPACITIES = (16, 32, 64, 128, 256)
 _HALF = (torch.float16, torch.bfloat16)
 _ALL_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_HEAD_DIMS = (32, 64, 96, 128, 256)  # 96 runs on a zero-padded 128-wide tile
+_CUDA_LIMITS = dict(row_alignment_bytes=16, max_batch_heads=65535)  # csrc/bindings_cuda.cpp checks both
 
 CAPABILITIES: Dict[Tuple[str, str], Capability] = {
     (c.backend, c.op): c
     for c in [
-        Capability("cuda", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), 4096),
-        Capability("cuda", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0)),
+        Capability("cuda", "select", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), 4096, **_CUDA_LIMITS),
+        Capability("cuda", "forward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), **_CUDA_LIMITS),
         # The inverse index of the CUDA backward sorts each key block's list with one shared-memory
         # counter per query block (csrc/include/bsa/api.h: kInvertMaxQueryBlocks).
-        Capability("cuda", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), max_query_blocks=48 * 1024),
+        Capability("cuda", "backward", ("cuda",), _HALF, (64, 128), (64, 128), (8, 0), max_query_blocks=48 * 1024,
+                   **_CUDA_LIMITS),
         Capability("triton", "select", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
         Capability("triton", "forward", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
         Capability("triton", "backward", ("cuda",), _HALF, _TRITON_HEAD_DIMS, KERNEL_CAPACITIES, (8, 0)),
@@ -70,6 +77,9 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device, expl
     """
     if backend == "torch":
         return None
+    too_old = _compute_capability_reason(backend, op, device)
+    if too_old is not None:
+        return too_old
     if backend == "triton":
         interpreter = device.type == "cpu" and explicit and _triton_interpreting()
         if device.type != "cuda" and not interpreter:
@@ -90,6 +100,28 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device, expl
             return f"CUDA kernels need CUDA tensors, got {device.type} tensors"
         return _arch_not_built_reason(device, _library.build_info().get("cuda_archs", []))
     raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def _compute_capability_reason(backend: str, op: str, device: torch.device) -> Optional[str]:
+    need = CAPABILITIES[(backend, op)].min_compute_capability
+    if need is None or device.type != "cuda":
+        return None
+    cc = torch.cuda.get_device_capability(device)
+    if cc < need:
+        return f"GPU is sm_{cc[0]}{cc[1]}, needs sm_{need[0]}{need[1]} or newer"
+    return None
+
+
+def _alignment_reasons(tensors: Dict[str, torch.Tensor], align: int) -> List[str]:
+    reasons = []
+    for name, t in tensors.items():
+        size = t.element_size()
+        bad = [d for d in range(t.dim() - 1) if t.size(d) > 1 and (t.stride(d) * size) % align]
+        if bad:
+            reasons.append(f"{name}: stride({bad[0]}) = {t.stride(bad[0])} elements is not a multiple of {align} bytes")
+        elif t.data_ptr() % align:
+            reasons.append(f"{name}: data pointer is not {align}-byte aligned")
+    return reasons
 
 
 def _arch_not_built_reason(device: torch.device, archs: List[str]) -> Optional[str]:
@@ -123,8 +155,12 @@ def not_supported_reasons(
     num_key_blocks: int,
     num_query_blocks: int = 0,
     explicit: bool = True,
+    batch_heads: int = 0,
+    tensors: Optional[Dict[str, torch.Tensor]] = None,
 ) -> List[str]:
-    """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
+    """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can).
+
+    ``tensors`` names the inputs whose layout the kernels read in place (q, k, v, ...)."""
     reason = backend_unavailable_reason(backend, op, device, explicit)
     if reason is not None:
         return [reason]
@@ -144,9 +180,8 @@ def not_supported_reasons(
         reasons.append(f"{num_key_blocks} key blocks > {cap.max_key_blocks}")
     if cap.max_query_blocks is not None and num_query_blocks > cap.max_query_blocks:
         reasons.append(f"{num_query_blocks} query blocks > {cap.max_query_blocks}")
-    if cap.min_compute_capability is not None and device.type == "cuda":
-        cc = torch.cuda.get_device_capability(device)
-        if cc < cap.min_compute_capability:
-            need = "sm_%d%d" % cap.min_compute_capability
-            reasons.append(f"GPU is sm_{cc[0]}{cc[1]}, needs {need} or newer")
+    if cap.max_batch_heads is not None and batch_heads > cap.max_batch_heads:
+        reasons.append(f"batch * heads = {batch_heads} > {cap.max_batch_heads}")
+    if cap.row_alignment_bytes is not None and tensors:
+        reasons.extend(_alignment_reasons(tensors, cap.row_alignment_bytes))
     return reasons

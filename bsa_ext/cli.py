@@ -60,6 +60,12 @@ def info() -> int:
                 limits.append(f"<= {cap.max_key_blocks} key blocks")
             if cap.max_query_blocks is not None:
                 limits.append(f"<= {cap.max_query_blocks} query blocks")
+            if cap.max_batch_heads is not None:
+                limits.append(f"batch*heads <= {cap.max_batch_heads}")
+            if cap.row_alignment_bytes is not None:
+                limits.append(f"rows {cap.row_alignment_bytes}-byte aligned")
+            if cap.min_compute_capability is not None:
+                limits.append("sm_%d%d+" % cap.min_compute_capability)
             what = ", ".join(limits)
             state = "available" if reason is None else f"unavailable: {reason}"
             print(f"  {backend:7s} {op:9s} {state}\n  {'':17s}{what}")

@@ -80,7 +80,7 @@ def _check_backward_supported(q, k, latent_q, latent_k, chunk_q, chunk_k, backen
     """An explicit backend must also run the backward before the forward starts."""
     geom_q, geom_k = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     try:
-        resolve_backend(backend, "backward", q, geom_q, geom_k)
+        resolve_backend(backend, "backward", q, geom_q, geom_k, {"q": q, "k": k})
     except BackendUnavailableError as exc:
         raise BackendUnavailableError(f"{exc} (inputs require grad; use backend='auto' or another backend)") from None
 

@@ -34,18 +34,29 @@ def last_backend(op: str = "forward") -> Optional[str]:
     return _LAST.get(op)
 
 
-def resolve_backend(requested: str, op: str, x: torch.Tensor, geom_q: ChunkGeometry, geom_k: ChunkGeometry) -> str:
-    """The backend that will run ``op``; raises when an explicit choice cannot."""
+def resolve_backend(
+    requested: str,
+    op: str,
+    x: torch.Tensor,
+    geom_q: ChunkGeometry,
+    geom_k: ChunkGeometry,
+    tensors: Optional[Dict[str, torch.Tensor]] = None,
+) -> str:
+    """The backend that will run ``op``; raises when an explicit choice cannot.
+
+    ``x`` is q (dtype, device, head dim, batch * heads); ``tensors`` are the inputs the
+    backend will read in place, checked against its layout requirements."""
     requested = _validate.backend_name(requested, os.environ.get("BSA_BACKEND"))
     args = (op, x.device, x.dtype, x.shape[-1], (geom_q.capacity, geom_k.capacity), geom_k.num_blocks, geom_q.num_blocks)
+    layout = dict(batch_heads=x.shape[0] * x.shape[1], tensors=tensors)
     if requested != "auto":
-        reasons = not_supported_reasons(requested, *args)
+        reasons = not_supported_reasons(requested, *args, **layout)
         if reasons:
             raise BackendUnavailableError(f"backend {requested!r} cannot run bsa {op}: {'; '.join(reasons)}")
         return requested
     tried: List[str] = []
     for name in BACKENDS:
-        reasons = not_supported_reasons(name, *args, explicit=False)
+        reasons = not_supported_reasons(name, *args, explicit=False, **layout)
         if not reasons:
             return name
         tried.append(f"{name}: {'; '.join(reasons)}")
@@ -77,7 +88,7 @@ def _select_impl(q, k, latent_q, latent_k, chunk_q, chunk_k, sparsity, cdf_thres
     _validate.qkv(q, k)
     gq, gk = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     _validate.selection_params(sparsity, cdf_threshold, max_blocks)
-    name = resolve_backend(backend, "select", q, gq, gk)
+    name = resolve_backend(backend, "select", q, gq, gk, {"q": q, "k": k})
     _record("select", name)
     if name == "cuda":
         return torch.ops.bsa.cuda_select_blocks(
@@ -130,7 +141,7 @@ def _forward_impl(q, k, v, indices, counts, latent_q, latent_k, chunk_q, chunk_k
     gq, gk = _geometries(q, k, latent_q, latent_k, chunk_q, chunk_k)
     _validate.block_lists(indices, counts, q, gq)
     _validate.sm_scale(sm_scale, q.shape[-1])
-    name = resolve_backend(backend, "forward", q, gq, gk)
+    name = resolve_backend(backend, "forward", q, gq, gk, {"q": q, "k": k, "v": v})
     _record("forward", name)
     if name == "cuda":
         return torch.ops.bsa.cuda_forward(q, k, v, indices, counts, gq.as_ints(), gk.as_ints(), sm_scale)
@@ -164,12 +175,12 @@ def _backward_impl(dout, q, k, v, out, lse, indices, counts, latent_q, latent_k,
     _validate.block_lists(indices, counts, q, gq)
     _validate.saved_outputs(dout, out, lse, q)
     _validate.sm_scale(sm_scale, q.shape[-1])
-    name = resolve_backend(backend, "backward", q, gq, gk)
-    _record("backward", name)
     # Kernels index lse as a dense [B, H, Sq] array and need a unit stride on dout's head dim.
     lse = lse.contiguous()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    name = resolve_backend(backend, "backward", q, gq, gk, {"q": q, "k": k, "v": v, "out": out, "dout": dout})
+    _record("backward", name)
     if name == "cuda":
         return torch.ops.bsa.cuda_backward(
             dout, q, k, v, out, lse, indices, counts, gq.as_ints(), gk.as_ints(), sm_scale

@@ -209,6 +209,24 @@ def test_forward_rejects_misaligned_rows():
         torch.ops.bsa.cuda_forward(x, x, x, indices, counts, gq.as_ints(), gk.as_ints(), 0.1)
 
 
+def test_auto_leaves_cuda_out_for_rows_it_cannot_copy():
+    # The same rows through the public op: "auto" runs them elsewhere, "cuda" names the reason.
+    from bsa_ext import last_backend
+    from bsa_ext.ops import BackendUnavailableError
+
+    gq = gk = geom((4, 4, 8), (4, 4, 4))
+    x = torch.randn(1, 2, gq.seq_len, 130, device="cuda", dtype=torch.float16)[..., :128]
+    indices, counts = random_blocks(1, 2, gq.num_blocks, gk.num_blocks, 2, "cuda", min_count=1)
+    geo = (gq.latent, gk.latent, gq.chunk, gk.chunk)
+    out, _ = torch.ops.bsa.forward(x, x, x, indices, counts, *geo, 0.1, "auto")
+    assert last_backend("forward") != "cuda"
+    ref_out, _ = reference.attention_forward(x, x, x, indices, counts, gq, gk, 0.1)
+    pt = dense_attention(x, x, x, reference.dense_block_mask(indices, counts, gq, gk), 0.1, upcast=False)
+    assert_close_rule(out, ref_out, pt)
+    with pytest.raises(BackendUnavailableError, match=r"q: stride\(2\) = 130 elements is not a multiple of 16 bytes"):
+        torch.ops.bsa.forward(x, x, x, indices, counts, *geo, 0.1, "cuda")
+
+
 # ------------------------------------------------------------------ selection
 def cuda_select_pooled(q, k, gq, gk, sparsity, cdf, max_blocks):
     """The same selection from blocks pooled by torch in fp32, as the context-parallel path pools."""

@@ -98,11 +98,12 @@ def test_block_list_errors_and_validate():
     bad = idx.clone()
     bad[0, 0, 0, 0] = nb
     attn(bad, cnt)  # skipped without validate
-    with pytest.raises(ValueError, match=rf"indices: expected block ids in \[0, {nb}\) within counts, found 1 outside"):
+    with pytest.raises(ValueError, match=rf"indices: expected block ids in \[0, {nb}\) within counts, found 1 outside, "
+                       rf"the first indices\[0, 0, 0, 0\] = {nb}"):
         attn(bad, cnt, validate=True)
     with pytest.raises(ValueError, match=r"counts: expected values in \[0, Kmax=2\]"):
         attn(idx, cnt * 3, validate=True)
-    with pytest.raises(ValueError, match=r"duplicates"):
+    with pytest.raises(ValueError, match=r"duplicates, the first: block 0 twice in indices\[0, 0, 0, :\]"):
         attn(idx, cnt * 2, validate=True)
     with pytest.raises(ValueError, match=r"sm_scale: expected a positive finite float"):
         attn(idx, cnt, sm_scale=float("nan"))
@@ -170,3 +171,38 @@ def test_backward_query_block_limit_matches_the_kernel_header():
     assert found, "kInvertMaxQueryBlocks not found in api.h"
     limit = math.prod(int(x) for x in found.group(1).split("*"))
     assert capabilities.CAPABILITIES[("cuda", "backward")].max_query_blocks == limit
+
+
+def test_capability_layout_limits_are_reasons(monkeypatch):
+    """Rows the CUDA kernels cannot copy in 16-byte pieces, and batch * heads past the grid, are
+    reasons like any other: "auto" then picks another backend instead of failing in the binding."""
+    from bsa_ext import capabilities
+
+    monkeypatch.setattr(capabilities, "backend_unavailable_reason", lambda *a, **k: None)
+    args = (torch.device("cpu"), torch.bfloat16, 128, (64, 64), 10, 10)
+
+    def reasons(backend, op, **kw):  # on CPU tensors: leave out the device reason
+        return [r for r in capabilities.not_supported_reasons(backend, op, *args, **kw) if not r.startswith("device")]
+
+    base = torch.zeros(1, 2, 64, 136, dtype=torch.bfloat16)
+    aligned, strided = base[..., :128], torch.zeros(1, 2, 64, 132, dtype=torch.bfloat16)[..., :128]
+    shifted = base.flatten()[1:1 + 2 * 64 * 128].view(1, 2, 64, 128)
+    assert not reasons("cuda", "forward", tensors={"q": aligned})
+    assert reasons("cuda", "forward", tensors={"q": aligned, "k": strided}) == [
+        "k: stride(2) = 132 elements is not a multiple of 16 bytes"]
+    assert reasons("cuda", "backward", tensors={"dout": shifted}) == ["dout: data pointer is not 16-byte aligned"]
+    assert not reasons("triton", "forward", tensors={"k": strided, "dout": shifted})
+    limit = capabilities.CAPABILITIES[("cuda", "select")].max_batch_heads
+    assert reasons("cuda", "select", batch_heads=limit + 1) == [f"batch * heads = {limit + 1} > {limit}"]
+    assert not reasons("cuda", "select", batch_heads=limit)
+
+
+def test_old_gpus_are_refused_before_inputs(monkeypatch):
+    """A GPU below a backend's minimum is a device-level reason, so `info` reports it too."""
+    from bsa_ext import capabilities
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    for backend in ("cuda", "triton"):
+        reason = capabilities.backend_unavailable_reason(backend, "forward", torch.device("cuda"), explicit=False)
+        assert reason == "GPU is sm_75, needs sm_80 or newer"
+    assert capabilities.backend_unavailable_reason("torch", "forward", torch.device("cuda")) is None
