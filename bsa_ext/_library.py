@@ -21,7 +21,10 @@ def _load(stem: str) -> Optional[str]:
     """Load ``bsa_ext/<stem>.*.so`` into the dispatcher; return an error string or None."""
     path = _find(stem)
     if path is None:
-        return f"bsa_ext/{stem} is not built (reinstall with `pip install --no-build-isolation .`)"
+        return (
+            f"bsa_ext/{stem} is not built (in a source tree: `pip install --no-build-isolation -e .`; "
+            "otherwise reinstall the package)"
+        )
     try:
         torch.ops.load_library(path)
     except OSError as exc:  # a build for another torch ABI, a missing CUDA runtime, ...
@@ -41,7 +44,7 @@ SCHEMA_LOAD_ERROR = _load("_C")
 if SCHEMA_LOAD_ERROR is not None:
     raise ImportError(
         f"bsa_ext: the operator library could not be loaded: {SCHEMA_LOAD_ERROR}. "
-        "Build it with `pip install --no-build-isolation .` (see README, Troubleshooting)."
+        "Build it with `pip install --no-build-isolation -e .` (see README, Troubleshooting)."
     )
 
 _info = build_info()

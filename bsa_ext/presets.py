@@ -1,7 +1,7 @@
 """Named BSA settings for LongCat-Video and the validation of ``bsa_params``.
 
 The presets live in ``bsa_ext/data/presets.json`` (package data); their measured speed
-and error are in ``docs/presets.md`` (regenerate with ``python -m bsa_ext bench``).
+and error are in ``docs/presets.md`` (regenerate with ``python -m bsa_ext bench --write-docs docs/presets.md``).
 ``bsa_params`` is LongCat's dict: the keyword arguments its attention layer passes to
 ``flash_attn_bsa_3d``; every check here follows SPEC §1-2.
 """
@@ -175,9 +175,11 @@ def describe_presets() -> str:
     for p in _load().values():
         if p.enable_bsa:
             bp = p.bsa_params
+            sparsity = "-" if bp.get("sparsity") is None else f"{bp['sparsity']:g}"
             cdf = "-" if bp.get("cdf_threshold") is None else f"{bp['cdf_threshold']:g}"
-            chunk = "x".join(map(str, bp["chunk_3d_shape_q"]))
-            rows.append((p.name, "on", f"{bp['sparsity']:g}", cdf, chunk, p.use))
+            chunk_q, chunk_k = ("x".join(map(str, bp[key])) for key in ("chunk_3d_shape_q", "chunk_3d_shape_k"))
+            chunk = chunk_q if chunk_q == chunk_k else f"{chunk_q}/{chunk_k}"
+            rows.append((p.name, "on", sparsity, cdf, chunk, p.use))
         else:
             rows.append((p.name, "off", "-", "-", "-", p.use))
     head = ("preset", "bsa", "sparsity", "cdf", "chunk q/k", "use")
