@@ -116,9 +116,9 @@ bool try_sm90(int device) {
   return major == 9;
 }
 
-// K/V buffers of the sm80 64-key forward: env BSA_SM80_KV_BUFFERS = 1 or 2 (read at every call,
-// so tests can run both variants on one GPU); unset or empty lets run_forward choose by the
-// device's shared memory per SM (0).
+// K/V buffers of the sm80 64-key forward and stages of the sm80 dq kernel: env
+// BSA_SM80_KV_BUFFERS = 1 or 2 (read at every call, so tests can run both variants on one GPU);
+// unset or empty lets run_forward / run_backward choose by the device's shared memory per SM (0).
 int sm80_kv_buffers() {
   const char* env = std::getenv("BSA_SM80_KV_BUFFERS");
   if (env == nullptr || env[0] == '\0') return 0;
@@ -257,6 +257,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(Tensor dout, Tensor q, Tensor k
   p.geom_q = gq, p.geom_k = gk;
   p.sm_scale = float(sm_scale);
   p.scale_log2 = float(sm_scale * 1.4426950408889634);
+  p.kv_buffers = sm80_kv_buffers();
 
   const bool found = bsa::dispatch_backward(dt, int(D), gq.capacity(), gk.capacity(), p, stream, &err, try_sm90(device));
   STD_TORCH_CHECK(found, "bsa cuda_backward: no kernel for head_dim=", D, ", capacity q=", gq.capacity(),

@@ -38,8 +38,8 @@ def _use_family(family, monkeypatch):
         monkeypatch.delenv("BSA_DISABLE_SM90", raising=False)
     else:
         monkeypatch.setenv("BSA_DISABLE_SM90", "1")
-    # The sm80 64-key forward has a one-buffer and a two-buffer K/V variant (the binding reads
-    # BSA_SM80_KV_BUFFERS at each call; unset, the device's shared memory picks one).
+    # The sm80 64-key forward and dq kernel have a one-buffer and a two-buffer K/V variant (the
+    # binding reads BSA_SM80_KV_BUFFERS at each call; unset, the device's shared memory picks).
     if family == "sm80-1buf":
         monkeypatch.setenv("BSA_SM80_KV_BUFFERS", "1")
     elif family == "sm80":
@@ -48,18 +48,11 @@ def _use_family(family, monkeypatch):
         monkeypatch.delenv("BSA_SM80_KV_BUFFERS", raising=False)
 
 
-@pytest.fixture(params=["sm90", "sm80"])
+@pytest.fixture(params=["sm90", "sm80", "sm80-1buf"])
 def kernel_family(request, monkeypatch):
     """Runs a CUDA test on both kernel families where the GPU has both (the binding reads
-    BSA_DISABLE_SM90 at each call); on other GPUs only the sm80 family exists. Opt in with
-    ``pytest.mark.usefixtures("kernel_family")``."""
-    _use_family(request.param, monkeypatch)
-    return request.param
-
-
-@pytest.fixture(params=["sm90", "sm80", "sm80-1buf"])
-def forward_family(request, monkeypatch):
-    """``kernel_family`` plus the sm80 forward's one-buffer K/V variant, which a GPU with an
-    H100's shared memory would not pick by itself."""
+    BSA_DISABLE_SM90 at each call; on other GPUs only the sm80 family exists), and on the sm80
+    family's one-buffer variant (64-key forward, dq), which a GPU with an H100's shared memory
+    would not pick by itself. Opt in with ``pytest.mark.usefixtures("kernel_family")``."""
     _use_family(request.param, monkeypatch)
     return request.param

@@ -28,8 +28,8 @@ pytestmark = [
 ]
 
 # Forward tests run on both kernel families where the GPU has both, and on both K/V buffer
-# variants of the sm80 64-key forward (conftest's forward_family).
-both_families = pytest.mark.usefixtures("forward_family")
+# variants of the sm80 64-key forward (conftest's kernel_family).
+both_families = pytest.mark.usefixtures("kernel_family")
 
 
 def _poison(*shapes_dtypes):

@@ -22,7 +22,8 @@ from helpers import (
     rows_past_4gib,
 )
 
-# Every test runs on both kernel families where the GPU has both (conftest's kernel_family).
+# Every test runs on both kernel families where the GPU has both, and on the sm80 family's
+# one-buffer variant (conftest's kernel_family).
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.usefixtures("kernel_family"),
@@ -65,6 +66,23 @@ def _check(q, k, v, indices, counts, gq, gk, sm_scale, dout=None):
             cold = cold[cold >= 0]
             assert torch.all(grads[1][b, h, cold] == 0) and torch.all(grads[2][b, h, cold] == 0)
     return grads
+
+
+@pytest.mark.parametrize("cap_q", [64, 128])
+def test_backward_kv_buffer_variants_agree_bitwise(cap_q, kernel_family, monkeypatch):
+    # dq with one K/V stage or two changes only when tiles land, not the arithmetic: same bits.
+    if kernel_family != "sm80":
+        pytest.skip("compares the sm80 family's two variants (once)")
+    gq, gk = odd_geoms(cap_q, 64)
+    q, k, v = make_qkv(2, 2, gq.seq_len, gk.seq_len, 128, torch.bfloat16, "cuda", scale=4.0)
+    indices, counts = random_blocks(2, 2, gq.num_blocks, gk.num_blocks, min(9, gk.num_blocks), "cuda")
+    dout = torch.randn_like(q)
+    grads = []
+    for buffers in ("1", "2"):
+        monkeypatch.setenv("BSA_SM80_KV_BUFFERS", buffers)
+        grads.append(cuda_backward(dout, q, k, v, indices, counts, gq, gk, 0.1))
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("cap", [64, 128])

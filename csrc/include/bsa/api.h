@@ -94,12 +94,13 @@ cudaError_t run_invert(const InvertParams& params, cudaStream_t stream);
 // Query blocks the inverse index can sort (its shared-memory counters, one per query block).
 constexpr int kInvertMaxQueryBlocks = 48 * 1024;
 
-// Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V;
+// Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V (or
+// one K, V stage: `kv_buffers` 1);
 // dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows; each also tables the
 // byte offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv: two 32-bit
 // tables, 8 bytes a row), after the 8-byte row coordinates of both blocks.
-constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k) {
-  return 2 * (2 * cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
+constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k, int kv_buffers = 2) {
+  return 2 * (2 * cap_q * head_dim + 2 * kv_buffers * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
 constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
   return 2 * (2 * cap_k * head_dim + 4 * cap_q * head_dim) + 16 * cap_q + 8 * (cap_q + cap_k) + 8 * cap_q;
@@ -115,18 +116,32 @@ constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
 constexpr int forward_smem_bytes_wide(int head_dim, int cap_q, int cap_k, int kv_buffers = 2) {
   return 2 * (cap_q * head_dim + kv_buffers * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
-// The 64-key variant's K/V buffers on a device with `smem_per_sm` bytes of shared memory per SM:
-// one buffer (K and V of a block take turns in it) where that fits more of its `max_ctas` CTAs on
-// an SM than two buffers do. On an H100 (228 KB) four two-buffer CTAs of 64 query rows fit and
-// two buffers run ~5% faster; with an A100's 164 KB only three fit, and four one-buffer CTAs ran
-// 9% faster than three two-buffer ones (an H100 with its carveout set to 164 KB: docs/PERF.md).
-constexpr int wide_forward_kv_buffers(int head_dim, int cap_q, int cap_k, int max_ctas, int smem_per_sm) {
-  const auto ctas = [&](int buffers) {
-    const int fit = smem_per_sm / (forward_smem_bytes_wide(head_dim, cap_q, cap_k, buffers) + kReservedSmemPerCta);
-    return fit < max_ctas ? fit : max_ctas;
+// K/V buffering of an sm80-family kernel on a device with `smem_per_sm` bytes of shared memory
+// per SM: one buffer (or stage) where that fits more of the `target_ctas` CTAs an SM the kernel
+// reaches on an H100 than two buffers do, else two. Measured on an H100 with its carveout set to
+// an A100's 164 KB (docs/PERF.md, session 13): the 64-key forward with one buffer, 4 CTAs
+// against 3, 9% faster; the dq kernel with one stage, 2 CTAs against 1, 30% faster. At 228 KB
+// both variants with one buffer are 5-7% slower, so an H100 keeps two.
+constexpr int kv_buffers_for(int one_buffer_bytes, int two_buffer_bytes, int target_ctas, int smem_per_sm) {
+  const auto ctas = [&](int bytes) {
+    const int fit = smem_per_sm / (bytes + kReservedSmemPerCta);
+    return fit < target_ctas ? fit : target_ctas;
   };
-  return ctas(1) > ctas(2) ? 1 : 2;
+  return ctas(one_buffer_bytes) > ctas(two_buffer_bytes) ? 1 : 2;
 }
+constexpr int wide_forward_kv_buffers(int head_dim, int cap_q, int cap_k, int max_ctas, int smem_per_sm) {
+  return kv_buffers_for(forward_smem_bytes_wide(head_dim, cap_q, cap_k, 1),
+                        forward_smem_bytes_wide(head_dim, cap_q, cap_k, 2), max_ctas, smem_per_sm);
+}
+// The dq kernel reaches 2 CTAs an SM on an H100 with 64-row query blocks, 1 with 128.
+constexpr int dq_target_ctas(int cap_q) { return cap_q == 64 ? 2 : 1; }
+constexpr int dq_kv_buffers(int head_dim, int cap_q, int cap_k, int smem_per_sm) {
+  return kv_buffers_for(backward_dq_smem_bytes(head_dim, cap_q, cap_k, 1), backward_dq_smem_bytes(head_dim, cap_q, cap_k, 2),
+                        dq_target_ctas(cap_q), smem_per_sm);
+}
+static_assert(dq_kv_buffers(128, 64, 64, 228 * 1024) == 2, "H100: two two-stage dq CTAs fit");
+static_assert(dq_kv_buffers(128, 64, 64, 164 * 1024) == 1, "A100: one two-stage dq CTA, two one-stage");
+static_assert(dq_kv_buffers(128, 128, 64, 228 * 1024) == 2, "128-row blocks: one CTA, as on an H100");
 static_assert(wide_forward_kv_buffers(128, 64, 64, 4, 228 * 1024) == 2, "H100: four two-buffer CTAs fit");
 static_assert(wide_forward_kv_buffers(128, 64, 64, 4, 164 * 1024) == 1, "A100: three two-buffer CTAs, four one-buffer");
 static_assert(wide_forward_kv_buffers(128, 128, 64, 2, 164 * 1024) == 2, "A100, 128-row blocks: two CTAs either way");

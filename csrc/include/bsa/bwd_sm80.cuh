@@ -81,11 +81,10 @@ constexpr int kSub = 64;
 template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
 struct DqKernel {
   static constexpr int kThreads = kCapQ / 16 * 32;
-  static constexpr int kSmem = backward_dq_smem_bytes(kHeadDim, kCapQ, kCapK);
   static_assert(kCapK % kSub == 0, "key capacity must be a multiple of 64");
 };
 
-template <DType kDType, int kHeadDim, int kCapQ, int kCapK>
+template <DType kDType, int kHeadDim, int kCapQ, int kCapK, int kKvBuffers>
 __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThreads)
     dq_kernel(const BackwardParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -98,9 +97,10 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
   Element* sdO = sQ + kCapQ * kHeadDim;
-  Element* sK = sdO + kCapQ * kHeadDim;  // [2][kCapK][kHeadDim]
-  Element* sV = sK + 2 * kTile;          // [2][kCapK][kHeadDim]
-  RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + 2 * kTile);
+  static_assert(kKvBuffers == 1 || kKvBuffers == 2, "K/V tiles in one stage, or two");
+  Element* sK = sdO + kCapQ * kHeadDim;   // [kKvBuffers][kCapK][kHeadDim]
+  Element* sV = sK + kKvBuffers * kTile;  // [kKvBuffers][kCapK][kHeadDim]
+  RowCoord* q_rows = reinterpret_cast<RowCoord*>(sV + kKvBuffers * kTile);
   RowCoord* k_rows = q_rows + kCapQ;
   uint32_t* k_off = reinterpret_cast<uint32_t*>(k_rows + kCapK);  // row offsets in bytes (row_table_slot)
   uint32_t* v_off = k_off + kCapK;
@@ -149,20 +149,24 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
   for (int j = 0; j < kHeadDim / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
 
   for (int n = 0; n < count; ++n) {
-    const int stage = n & 1;
+    const int stage = kKvBuffers == 2 ? n & 1 : 0;
     cp_async_wait<0>();  // K_n, V_n (and Q, dO) landed for this thread ...
-    __syncthreads();     // ... and every thread; every warp is done with stage^1
+    __syncthreads();     // ... and every thread; every warp is done with block n-1's stage
     const int nid = next_id;
     const bool nlive = in_range(nid, nk);
     const BlockOrigin norigin = block_origin(p.geom_k, nlive ? nid : 0);
-    if (n + 1 < count) {
-      load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK + (stage ^ 1) * kTile, k_base, p.k_row_stride, k_off,
-                                                          table_ok, k_rows, norigin, nlive, tid);
-      load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV + (stage ^ 1) * kTile, v_base, p.v_row_stride, v_off,
-                                                          table_ok, k_rows, norigin, nlive, tid);
-      next_id = n + 2 < count ? ids[n + 2] : 0;
-    }
-    cp_async_commit();
+    // K_{n+1}, V_{n+1} go into the other stage now, or with one stage after this block's products.
+    const auto request_next = [&](int into) {
+      if (n + 1 < count) {
+        load_block_tile<Element, kHeadDim, kCapK, kThreads>(sK + into * kTile, k_base, p.k_row_stride, k_off,
+                                                            table_ok, k_rows, norigin, nlive, tid);
+        load_block_tile<Element, kHeadDim, kCapK, kThreads>(sV + into * kTile, v_base, p.v_row_stride, v_off,
+                                                            table_ok, k_rows, norigin, nlive, tid);
+        next_id = n + 2 < count ? ids[n + 2] : 0;
+      }
+      cp_async_commit();
+    };
+    if constexpr (kKvBuffers == 2) request_next(stage ^ 1);
     const Element* k_tile = sK + stage * kTile;
     const Element* v_tile = sV + stage * kTile;
 
@@ -187,6 +191,10 @@ __global__ void __launch_bounds__(DqKernel<kDType, kHeadDim, kCapQ, kCapK>::kThr
         }
       }
       warp_gemm_rn<kDType, kHeadDim, kSub / 8>(acc_dq, s, k_tile, col0, lane);
+    }
+    if constexpr (kKvBuffers == 1) {
+      __syncthreads();  // every warp is done with K_n, V_n
+      request_next(0);
     }
     live = nlive;
     origin = norigin;
@@ -347,16 +355,21 @@ cudaError_t run_backward(const BackwardParams& params, cudaStream_t stream) {
   using Delta = bwd::DeltaKernel<kDType, kHeadDim>;
   using Dq = bwd::DqKernel<kDType, kHeadDim, kCapQ, kCapK>;
   using Dkdv = bwd::DkdvKernel<kDType, kHeadDim, kCapQ, kCapK>;
-  auto dq = bwd::dq_kernel<kDType, kHeadDim, kCapQ, kCapK>;
+  const int dq_buffers = params.kv_buffers != 0
+                             ? params.kv_buffers
+                             : dq_kv_buffers(kHeadDim, kCapQ, kCapK, current_device_smem_per_sm());
+  auto dq = dq_buffers == 1 ? bwd::dq_kernel<kDType, kHeadDim, kCapQ, kCapK, 1>
+                            : bwd::dq_kernel<kDType, kHeadDim, kCapQ, kCapK, 2>;
+  const int dq_smem = backward_dq_smem_bytes(kHeadDim, kCapQ, kCapK, dq_buffers);
   auto dkdv = bwd::dkdv_kernel<kDType, kHeadDim, kCapQ, kCapK>;
-  cudaError_t err = bwd::allow_smem(dq, Dq::kSmem);
+  cudaError_t err = bwd::allow_smem(dq, dq_smem);
   if (err == cudaSuccess) err = bwd::allow_smem(dkdv, Dkdv::kSmem);
   if (err != cudaSuccess) return err;
   const int rows = params.batch * params.heads;
   if (rows == 0) return cudaSuccess;
   const dim3 delta_grid((params.seq_q + Delta::kRows - 1) / Delta::kRows, rows);
   bwd::delta_kernel<kDType, kHeadDim><<<delta_grid, Delta::kThreads, 0, stream>>>(params);
-  dq<<<dim3(params.geom_q.num_blocks(), rows), Dq::kThreads, Dq::kSmem, stream>>>(params);
+  dq<<<dim3(params.geom_q.num_blocks(), rows), Dq::kThreads, dq_smem, stream>>>(params);
   dkdv<<<dim3(params.geom_k.num_blocks(), rows), Dkdv::kThreads, Dkdv::kSmem, stream>>>(params);
   return cudaGetLastError();
 }

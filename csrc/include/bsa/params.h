@@ -181,6 +181,7 @@ struct BackwardParams {
   Geometry geom_q, geom_k;
   float sm_scale;
   float scale_log2;
+  int kv_buffers;  // K/V stages of the sm80 dq kernel: 2, 1, or 0 to let run_backward choose (api.h)
 };
 
 // Inverse block index: for every (batch*head row, key block) the query blocks whose first
