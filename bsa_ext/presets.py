@@ -1,7 +1,8 @@
 """Named BSA settings for LongCat-Video and the validation of ``bsa_params``.
 
 The presets live in ``bsa_ext/data/presets.json`` (package data); their measured speed
-and error are in ``docs/presets.md`` (regenerate with ``python -m bsa_ext bench --write-docs docs/presets.md``).
+and error are in ``docs/presets.md`` (regenerate with
+``python -m bsa_ext bench --write-docs docs/presets.md``).
 ``bsa_params`` is LongCat's dict: the keyword arguments its attention layer passes to
 ``flash_attn_bsa_3d``; every check here follows SPEC §1-2.
 """

@@ -31,7 +31,13 @@ def _fresh_seed(request):
     torch.manual_seed((base ^ int(os.environ.get("BSA_TEST_SEED", "0"))) % (2**31))
 
 
-def _use_family(family, monkeypatch):
+@pytest.fixture(params=["sm90", "sm80", "sm80-1buf"])
+def kernel_family(request, monkeypatch):
+    """Runs a CUDA test on both kernel families where the GPU has both (the binding reads
+    BSA_DISABLE_SM90 at each call; on other GPUs only the sm80 family exists), and on the sm80
+    family's one-buffer variant (64-key forward, dq), which a GPU with an H100's shared memory
+    would not pick by itself. Opt in with ``pytest.mark.usefixtures("kernel_family")``."""
+    family = request.param
     if family == "sm90":
         if torch.cuda.get_device_capability()[0] != 9:
             pytest.skip("the sm90 family needs an sm_90 GPU")
@@ -46,13 +52,4 @@ def _use_family(family, monkeypatch):
         monkeypatch.setenv("BSA_SM80_KV_BUFFERS", "2")
     else:
         monkeypatch.delenv("BSA_SM80_KV_BUFFERS", raising=False)
-
-
-@pytest.fixture(params=["sm90", "sm80", "sm80-1buf"])
-def kernel_family(request, monkeypatch):
-    """Runs a CUDA test on both kernel families where the GPU has both (the binding reads
-    BSA_DISABLE_SM90 at each call; on other GPUs only the sm80 family exists), and on the sm80
-    family's one-buffer variant (64-key forward, dq), which a GPU with an H100's shared memory
-    would not pick by itself. Opt in with ``pytest.mark.usefixtures("kernel_family")``."""
-    _use_family(request.param, monkeypatch)
-    return request.param
+    return family

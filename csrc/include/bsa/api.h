@@ -94,11 +94,11 @@ cudaError_t run_invert(const InvertParams& params, cudaStream_t stream);
 // Query blocks the inverse index can sort (its shared-memory counters, one per query block).
 constexpr int kInvertMaxQueryBlocks = 48 * 1024;
 
-// Dynamic shared memory of the backward kernels: dq holds Q, dO and double-buffered K, V (or
-// one K, V stage: `kv_buffers` 1);
-// dk/dv holds K, V and double-buffered Q, dO with their lse / delta rows; each also tables the
-// byte offsets of the rows it gathers every step (K, V for dq; Q, dO for dk/dv: two 32-bit
-// tables, 8 bytes a row), after the 8-byte row coordinates of both blocks.
+// Dynamic shared memory of the backward kernels: dq holds Q, dO and two stages of K, V (one
+// with `kv_buffers` 1); dk/dv holds K, V and double-buffered Q, dO with their lse / delta
+// rows; each also tables the byte offsets of the rows it gathers every step (K, V for dq; Q,
+// dO for dk/dv: two 32-bit tables, 8 bytes a row), after the 8-byte row coordinates of both
+// blocks.
 constexpr int backward_dq_smem_bytes(int head_dim, int cap_q, int cap_k, int kv_buffers = 2) {
   return 2 * (2 * cap_q * head_dim + 2 * kv_buffers * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
@@ -108,8 +108,9 @@ constexpr int backward_dkdv_smem_bytes(int head_dim, int cap_q, int cap_k) {
 
 // Dynamic shared memory of the forward kernels: 16 query rows per warp with double-buffered
 // K/V (128-key chunks), or 32 rows per warp with one K and one V buffer, or one buffer they
-// take in turn (64-key chunks, `kv_buffers` 2 or 1); all with the row coordinates of both blocks (8 bytes a row) and tables of the K and V rows' byte
-// offsets (two 32-bit tables, 8 bytes a key row).
+// take in turn (64-key chunks, `kv_buffers` 2 or 1); all with the row coordinates of both
+// blocks (8 bytes a row) and tables of the K and V rows' byte offsets (two 32-bit tables, 8
+// bytes a key row).
 constexpr int forward_smem_bytes_narrow(int head_dim, int cap_q, int cap_k) {
   return 2 * (cap_q * head_dim + 4 * cap_k * head_dim) + 8 * (cap_q + cap_k) + 8 * cap_k;
 }
